@@ -1,0 +1,118 @@
+"""MedSAMEngine: the model plus the published 2D inference, encode and decode kept apart.
+
+Splitting encode (972 GFLOPs, seconds on a CPU) from decode (milliseconds) lets callers cache
+image embeddings and re-prompt a slice with the decoder alone.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from .model import load_sam, resolve_device
+from .preprocess import boxes_to_model, model_input
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """auto: bf16 on CUDA and on CPUs with native bf16 matrix units, fp16 on MPS, else fp32."""
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        from .errors import InputError
+
+        raise InputError(f"unknown precision '{precision}': use {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16"
+    if device == "mps":
+        return "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+class MedSAMEngine:
+    """Runs MedSAM on single slices. Thread-safe: one lock serialises model calls."""
+
+    def __init__(self, sam, device: str = "cpu", precision: str = "fp32", model_id: str = "medsam"):
+        import torch
+
+        self.device = device
+        self.precision = resolve_precision(precision, device)
+        self.model_id = f"{model_id}:{self.precision}"
+        self.sam = sam.to(device).eval()
+        self._dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self._lock = threading.RLock()
+        self._encoder = self.sam.image_encoder
+        if self.precision != "fp32":
+            from .fast_encoder import prepare_encoder
+
+            self._encoder = prepare_encoder(self.sam.image_encoder, self._dtype)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto") -> "MedSAMEngine":
+        import hashlib
+        import os
+
+        device = resolve_device(device)
+        sam, arch = load_sam(path)
+        stat = os.stat(path)
+        ident = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        engine = cls(sam, device, precision, model_id=f"{arch.name}:{ident}")
+        engine.architecture = arch
+        return engine
+
+    def encode(self, image: np.ndarray):
+        """uint8 slice (H, W) or (H, W, 3) -> image embedding (1, 256, 64, 64), float32 on device."""
+        return self.encode_batch([image])[0:1]
+
+    def encode_batch(self, images: Sequence[np.ndarray]):
+        """Encodes several slices in one encoder call (N, 256, 64, 64)."""
+        import torch
+
+        batch = np.concatenate([model_input(img) for img in images], axis=0)
+        with self._lock, torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            if self.precision == "fp32":
+                return self._encoder(x).float()
+            return self._encoder(x.to(self._dtype)).float()
+
+    def decode(self, embedding, boxes, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+        """Boxes [x0, y0, x1, y1] (N, 4) in slice pixels over one embedding.
+
+        Returns foreground probabilities (N, H, W) float32 and the decoder's IoU estimates (N,).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        height, width = size
+        boxes_1024 = boxes_to_model(boxes, height, width)
+        with self._lock, torch.inference_mode():
+            box_t = torch.as_tensor(boxes_1024, dtype=torch.float, device=self.device)[:, None, :]
+            sparse, dense = self.sam.prompt_encoder(points=None, boxes=box_t, masks=None)
+            logits, iou = self.sam.mask_decoder(
+                image_embeddings=embedding.to(self.device, torch.float32),
+                image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            prob = torch.sigmoid(logits)
+            prob = F.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)
+            return prob[:, 0].float().cpu().numpy(), iou[:, 0].float().cpu().numpy()
+
+    def segment(self, image: np.ndarray, boxes, embedding=None) -> Tuple[np.ndarray, np.ndarray]:
+        """Convenience: probabilities and scores for boxes on one uint8 slice."""
+        if embedding is None:
+            embedding = self.encode(image)
+        return self.decode(embedding, boxes, image.shape[:2])

@@ -1,0 +1,92 @@
+"""SlicePredictor: an engine bound to one volume, intensity window and slicing axis.
+
+It is the `(slice index, 2D box) -> (mask, score)` callable that propagation, the command
+line, the Slicer effect and the server all use; embeddings are cached per slice so a slice is
+never encoded twice for the same volume, window, axis and model.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from .cache import EmbeddingCache, default_budget_bytes
+from .errors import InputError
+from .slicing import check_axis, get_slice, slice_count
+from .windowing import IntensityWindow
+
+
+def volume_key(volume: np.ndarray) -> str:
+    """Content hash of the voxels (plus shape and dtype): the same data gives the same key."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{volume.shape}{volume.dtype}".encode())
+    digest.update(memoryview(np.ascontiguousarray(volume)).cast("B"))
+    return digest.hexdigest()
+
+
+class SlicePredictor:
+    def __init__(
+        self,
+        engine,
+        volume: np.ndarray,
+        window: IntensityWindow,
+        axis: str = "k",
+        cache: Optional[EmbeddingCache] = None,
+        key: Optional[str] = None,
+    ):
+        self.engine = engine
+        self.volume = volume
+        self.window = window
+        self.axis = check_axis(axis)
+        if volume.ndim == 4 and self.axis != "k":
+            raise InputError("colour images can only be cut along k")
+        self.cache = cache if cache is not None else EmbeddingCache(default_budget_bytes(engine.device))
+        self.key = key or volume_key(volume)
+        self.encoded = 0  # encoder calls made by this predictor, for tests and reports
+
+    @property
+    def n_slices(self) -> int:
+        return slice_count(self.volume.shape, self.axis)
+
+    @property
+    def slice_shape(self) -> Tuple[int, int]:
+        return tuple(get_slice(self.volume, self.axis, 0).shape[:2])
+
+    def image(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.n_slices:
+            raise InputError(f"slice {index} is outside the volume (0..{self.n_slices - 1} along {self.axis})")
+        return self.window.apply(get_slice(self.volume, self.axis, index))
+
+    def cache_key(self, index: int) -> tuple:
+        return (self.key, self.axis, int(index), self.window.key(), self.engine.model_id)
+
+    def is_cached(self, index: int) -> bool:
+        return self.cache_key(index) in self.cache
+
+    def embedding(self, index: int):
+        key = self.cache_key(index)
+        emb = self.cache.get(key)
+        if emb is None:
+            emb = self.engine.encode(self.image(index))
+            self.encoded += 1
+            self.cache.put(key, emb)
+        return emb
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Encodes the uncached slices among `indices` in one batch (GPU-friendly)."""
+        todo = [i for i in dict.fromkeys(indices) if 0 <= i < self.n_slices and not self.is_cached(i)]
+        if not todo:
+            return
+        embs = self.engine.encode_batch([self.image(i) for i in todo])
+        self.encoded += len(todo)
+        for n, index in enumerate(todo):
+            self.cache.put(self.cache_key(index), embs[n : n + 1].clone())
+
+    def probabilities(self, index: int, boxes) -> Tuple[np.ndarray, np.ndarray]:
+        """(N, H, W) foreground probabilities and (N,) quality scores for boxes on one slice."""
+        return self.engine.decode(self.embedding(index), np.asarray(boxes, dtype=np.float64), self.slice_shape)
+
+    def __call__(self, index: int, box) -> Tuple[np.ndarray, float]:
+        prob, score = self.probabilities(index, [box])
+        return prob[0] > 0.5, float(score[0])

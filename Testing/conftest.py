@@ -1,0 +1,53 @@
+"""Shared fixtures: the real CT chest sample from slicerio and random-weight checkpoints."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from model_factory import TINY, VIT_B, save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ct_path():
+    import slicerio
+
+    return os.path.join(os.path.dirname(slicerio.__file__), "data", "CTChest4.nrrd")
+
+
+@pytest.fixture(scope="session")
+def expert_seg_path():
+    import slicerio
+
+    return os.path.join(os.path.dirname(slicerio.__file__), "data", "Segmentation.seg.nrrd")
+
+
+@pytest.fixture(scope="session")
+def ct_array(ct_path):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(ct_path))  # [k, j, i]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_medsam.pth", TINY, seed=0)
+
+
+@pytest.fixture(scope="session")
+def vit_b_checkpoint(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt_b") / "medsam_vit_b.pth", VIT_B, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint):
+    from medsam_slicer.engine import MedSAMEngine
+
+    return MedSAMEngine.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32")
