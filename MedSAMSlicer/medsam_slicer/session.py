@@ -1,0 +1,62 @@
+"""LocalSession: one volume and intensity window on a local engine.
+
+This is the interface front ends program against; the remote client's session offers the same
+methods, so the Slicer module and the command line switch engines by a setting.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+
+from .cache import EmbeddingCache, default_budget_bytes
+from .predictor import SlicePredictor, volume_key
+from .windowing import IntensityWindow
+
+
+class LocalSession:
+    def __init__(self, engine, volume: np.ndarray, window: IntensityWindow, cache: Optional[EmbeddingCache] = None):
+        self.engine = engine
+        self.volume = volume
+        self.window = window
+        self.cache = cache if cache is not None else EmbeddingCache(default_budget_bytes(engine.device))
+        self.key = volume_key(volume)
+        self._predictors: Dict[str, SlicePredictor] = {}
+
+    def predictor(self, axis: str) -> SlicePredictor:
+        """One predictor per axis; all share the session's embedding cache."""
+        pred = self._predictors.get(axis)
+        if pred is None or pred.window != self.window:
+            pred = SlicePredictor(self.engine, self.volume, self.window, axis, self.cache, self.key)
+            self._predictors[axis] = pred
+        return pred
+
+    def set_window(self, window: IntensityWindow) -> None:
+        self.window = window  # embeddings of the old window stay cached under their own key
+
+    def segment_slice(self, axis: str, index: int, box):
+        """(bool mask (H, W), quality score) for one 2D box [x0, y0, x1, y1] on one slice."""
+        return self.predictor(axis)(index, box)
+
+    def propagate(self, axis: str, seed_index: int, seed_box=None, seed_mask=None, **options):
+        from .propagation import propagate_from_slice
+
+        return propagate_from_slice(self.predictor(axis), seed_index, seed_box=seed_box, seed_mask=seed_mask, **options)
+
+    def segment_box3d(self, axis: str, box2d, first: int, last: int, **options):
+        from .propagation import segment_box3d
+
+        return segment_box3d(self.predictor(axis), box2d, first, last, **options)
+
+    def segment_key_slices(self, axis: str, key_boxes, **options):
+        from .propagation import segment_key_slices
+
+        return segment_key_slices(self.predictor(axis), key_boxes, **options)
+
+    def repropagate(self, axis: str, masks, corrected_index: int, corrected_mask, seed_index: int, **options):
+        from .propagation import repropagate
+
+        return repropagate(self.predictor(axis), masks, corrected_index, corrected_mask, seed_index, **options)
+
+    def close(self) -> None:
+        self._predictors.clear()
