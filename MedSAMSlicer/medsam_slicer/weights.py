@@ -141,7 +141,7 @@ def recorded_sha256(path: str) -> Optional[str]:
     """The digest recorded next to the file on first use, if any (a corrupt record is an error)."""
     sidecar = digest_sidecar(path)
     try:
-        with open(sidecar, "r", encoding="ascii", errors="replace") as handle:
+        with open(sidecar, encoding="ascii", errors="replace") as handle:
             text = handle.read(4096)
     except FileNotFoundError:
         return None
@@ -246,6 +246,8 @@ def _describe_exception(exc: BaseException) -> str:
         return "the connection was cut during the download (run again to resume)"
     if isinstance(exc, requests.exceptions.ConnectionError):
         text = str(exc)
+        if "timed out" in text.lower():  # a read timeout inside iter_content arrives as ConnectionError
+            return "the server stopped sending data (timed out)"
         if "refused" in text.lower():
             return "connection refused"
         if "name resolution" in text.lower() or "getaddrinfo" in text.lower() or "nodename" in text.lower():
@@ -275,7 +277,7 @@ def _resolve_dest(url: str, dest: Optional[str], cache: Optional[str]) -> str:
 
 def _read_meta(meta_path: str) -> Optional[dict]:
     try:
-        with open(meta_path, "r", encoding="utf-8") as handle:
+        with open(meta_path, encoding="utf-8") as handle:
             meta = json.load(handle)
     except (OSError, ValueError):
         return None
