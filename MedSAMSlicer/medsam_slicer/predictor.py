@@ -44,6 +44,8 @@ class SlicePredictor:
         self.cache = cache if cache is not None else EmbeddingCache(default_budget_bytes(engine.device))
         self.key = key or volume_key(volume)
         self.encoded = 0  # encoder calls made by this predictor, for tests and reports
+        self.keep_probabilities = False  # when set, __call__ keeps each slice's probabilities in .kept
+        self.kept = {}
 
     @property
     def n_slices(self) -> int:
@@ -89,4 +91,6 @@ class SlicePredictor:
 
     def __call__(self, index: int, box) -> Tuple[np.ndarray, float]:
         prob, score = self.probabilities(index, [box])
+        if self.keep_probabilities:
+            self.kept[index] = prob[0]
         return prob[0] > 0.5, float(score[0])

@@ -1,0 +1,161 @@
+"""The `medsam-slicer` command line: segment, demo, weights, bench, serve.
+
+User mistakes print one line (`medsam-slicer: error: ...`) and exit with code 2; arguments and
+files are checked before the model is loaded, and no output file is left behind on failure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from .errors import MedSAMError
+from .windowing import PRESET_NAMES
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise MedSAMError(f"{message} (see {self.prog} --help)")
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="FILE", help="MedSAM weights (.pth or .safetensors); default: the downloaded ones")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto (CUDA, MPS, CPU)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default: auto (bf16 on CUDA and bf16-capable CPUs, fp16 on MPS, else fp32)")
+    p.add_argument("--server", metavar="URL", help="run on a remote medsam-slicer server instead of locally")
+    p.add_argument("--token", help="bearer token for --server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="medsam-slicer", description="MedSAM (ViT-B, box prompts) on medical volumes.")
+    parser.add_argument("--version", action="version", version=f"medsam-slicer {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    seg = sub.add_parser("segment", help="segment boxes in a volume", description=(
+        "Boxes are inclusive voxel indices I0 J0 K0 I1 J1 K1 (i = column, j = row, k = slice, as SimpleITK "
+        "indexes the file). A box flat along the axis segments that slice (or grows from it with --propagate); "
+        "a box spanning slices segments its range (3D box); --key-box boxes on several slices are interpolated."))
+    seg.add_argument("input", help="NRRD, NIfTI, MetaImage, a DICOM series folder, or a PNG/JPEG/TIFF image")
+    seg.add_argument("-o", "--output", required=True, help=".seg.nrrd (Slicer segmentation) or a label map (.nii.gz, .nrrd, ...)")
+    seg.add_argument("--box", nargs=6, type=float, action="append", default=[], metavar=("I0", "J0", "K0", "I1", "J1", "K1"))
+    seg.add_argument("--key-box", nargs=6, type=float, action="append", default=[], metavar=("I0", "J0", "K", "I1", "J1", "K"),
+                     help="a box on one key slice; repeat for several key slices of ONE structure")
+    seg.add_argument("--name", action="append", default=[], help="segment name, one per --box (then the key-box segment)")
+    seg.add_argument("--axis", default="k", help="slicing axis: i, j or k (default k)")
+    win = seg.add_mutually_exclusive_group()
+    win.add_argument("--window", nargs=2, type=float, metavar=("W", "L"), help="intensity window width and level")
+    win.add_argument("--preset", choices=PRESET_NAMES, help="intensity preset (default auto: ct-abdomen for CT, else mr)")
+    seg.add_argument("--propagate", action="store_true", help="grow from a flat box's slice across slices")
+    seg.add_argument("--direction", default="both", choices=["both", "up", "down"], help="with --propagate")
+    seg.add_argument("--max-slices", type=int, help="with --propagate: most slices per direction")
+    seg.add_argument("--min-area", type=int, help="stop rule: a mask smaller than this (pixels) ends growth")
+    seg.add_argument("--max-area-ratio", type=float, help="stop rule: area jumping/collapsing by more than this factor")
+    seg.add_argument("--min-score", type=float, help="stop rule: model quality score below this ends growth")
+    seg.add_argument("--no-centroid-check", action="store_true", help="stop rule off: mask centroid leaving the previous box")
+    seg.add_argument("--no-largest-component", action="store_true", help="keep every 3D component, not only the largest")
+    seg.add_argument("--fill-holes", action="store_true", help="fill holes slice by slice")
+    seg.add_argument("--probabilities", metavar="FILE", help="also write the foreground probability (float32)")
+    seg.add_argument("--force", action="store_true", help="overwrite existing output files")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_engine_options(seg)
+
+    demo = sub.add_parser("demo", help="segment the right lung of slicerio's CT chest sample and report Dice")
+    demo.add_argument("-o", "--output-dir", default="demo-output")
+    demo.add_argument("--force", action="store_true")
+    demo.add_argument("--quiet", action="store_true")
+    _add_engine_options(demo)
+
+    weights = sub.add_parser("weights", help="download, locate or verify the MedSAM weights")
+    wsub = weights.add_subparsers(dest="weights_command", parser_class=_Parser)
+    wsub.add_parser("download", help="download into the per-user cache (resumes; checks SHA-256)")
+    wsub.add_parser("path", help="print where the weights are (or will be) cached")
+    wver = wsub.add_parser("verify", help="check a weights file against its pinned or recorded SHA-256")
+    wver.add_argument("file", nargs="?", help="default: the cached weights")
+
+    bench = sub.add_parser("bench", help="time the encoder, decoder, re-prompts and propagation on this machine")
+    bench.add_argument("--checkpoint", metavar="FILE", help="default: random ViT-B weights (speed does not depend on values)")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    bench.add_argument("--precisions", nargs="+", default=None, help="e.g. fp32 bf16 (default: per device)")
+    bench.add_argument("--slices", type=int, default=8, help="slices propagated (default 8)")
+    bench.add_argument("--no-reference", action="store_true", help="skip the published fp32 reference configuration")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+    serve = sub.add_parser("serve", help="run a resident MedSAM server for Slicer users")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--checkpoint", metavar="FILE")
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    tok = serve.add_mutually_exclusive_group()
+    tok.add_argument("--token", help="bearer token clients must send (required off loopback)")
+    tok.add_argument("--token-file", metavar="FILE")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return EXIT_USAGE
+        if args.command == "segment":
+            from .segment_command import run_segment
+
+            return run_segment(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args)
+        if args.command == "weights":
+            return _weights(args)
+        if args.command == "bench":
+            return _bench(args)
+        if args.command == "serve":
+            from .server.app import serve
+
+            serve(host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device,
+                  precision=args.precision, token=args.token, token_file=args.token_file)
+            return 0
+    except MedSAMError as exc:
+        print(f"medsam-slicer: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("medsam-slicer: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+def _weights(args) -> int:
+    from . import weights
+
+    if args.weights_command == "path":
+        print(weights.cached_weights() or weights.default_weights_path())
+    elif args.weights_command == "download":
+        print(weights.ensure_weights(progress=True))
+    elif args.weights_command == "verify":
+        path = args.file or weights.cached_weights()
+        if path is None:
+            raise MedSAMError(f"no weights in {weights.cache_dir()}: run 'medsam-slicer weights download'")
+        print(f"{path}: OK sha256 {weights.verify(path)}")
+    else:
+        raise MedSAMError("weights needs a subcommand: download, path or verify")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import format_table, run_benchmark
+
+    results = run_benchmark(checkpoint=args.checkpoint, device=args.device, precisions=args.precisions,
+                            slices=args.slices, reference=not args.no_reference, json_path=args.json)
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""`medsam-slicer segment`: validate everything, then load the model, segment and write atomically."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .errors import InputError
+from .slicing import Box3D, check_axis, slice_index
+
+
+@dataclasses.dataclass
+class Job:
+    """One output segment: a single slice, a grow-from-slice, a 3D box or a set of key slices."""
+
+    name: str
+    mode: str  # "slice" | "propagate" | "box3d" | "keys"
+    box2d: Optional[Tuple[int, int, int, int]] = None
+    first: int = 0
+    last: int = 0
+    keys: Optional[Dict[int, Tuple[int, int, int, int]]] = None
+
+
+def plan_jobs(args, shape_kji) -> List[Job]:
+    """Turns --box / --key-box / --name into jobs, refusing bad boxes before any model work."""
+    axis = check_axis(args.axis)
+    if not args.box and not args.key_box:
+        raise InputError("give at least one --box (or --key-box)")
+    jobs: List[Job] = []
+    for values in args.box:
+        box = Box3D.from_corners(values, shape_kji)
+        first, last = box.slice_range(axis)
+        if first == last:
+            mode = "propagate" if args.propagate else "slice"
+        else:
+            mode = "box3d"
+        jobs.append(Job("", mode, box.in_plane(axis), first, last))
+    if args.key_box:
+        keys: Dict[int, Tuple[int, int, int, int]] = {}
+        for values in args.key_box:
+            box = Box3D.from_corners(values, shape_kji)
+            first, last = box.slice_range(axis)
+            if first != last:
+                raise InputError(f"--key-box {' '.join(str(int(v)) for v in values)} spans slices {first}-{last}: "
+                                 f"a key box lies on one slice along {axis}")
+            if first in keys:
+                raise InputError(f"two key boxes on slice {first}")
+            keys[first] = box.in_plane(axis)
+        if len(keys) < 2:
+            raise InputError("key-slice mode needs boxes on at least two slices")
+        jobs.append(Job("", "keys", keys=keys, first=min(keys), last=max(keys)))
+    if len(args.name) > len(jobs):
+        raise InputError(f"{len(args.name)} names for {len(jobs)} segments")
+    for n, job in enumerate(jobs):
+        job.name = args.name[n] if n < len(args.name) else f"Segment_{n + 1}"
+    return jobs
+
+
+def stop_rules(args):
+    from .propagation import StopRules
+
+    overrides = {}
+    for field in ("min_area", "max_area_ratio", "min_score", "max_slices"):
+        value = getattr(args, field, None)
+        if value is not None:
+            overrides[field] = value
+    if getattr(args, "no_centroid_check", False):
+        overrides["check_centroid"] = False
+    return dataclasses.replace(StopRules(), **overrides)
+
+
+def open_session(args, array: np.ndarray, window):
+    """A LocalSession, or the remote client's session when --server is given (same methods)."""
+    if getattr(args, "server", None):
+        from .server.client import RemoteEngine
+
+        return RemoteEngine(args.server, token=args.token).open_session(array, window)
+    from .engine import MedSAMEngine
+    from .session import LocalSession
+    from .weights import ensure_weights
+
+    checkpoint = ensure_weights(args.checkpoint, progress=not getattr(args, "quiet", False))
+    engine = MedSAMEngine.from_checkpoint(checkpoint, device=args.device, precision=args.precision)
+    return LocalSession(engine, array, window)
+
+
+class ProgressBar:
+    """tqdm on stderr for multi-slice work; silent with --quiet."""
+
+    def __init__(self, label: str, quiet: bool):
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=label, unit="slice", file=sys.stderr, leave=False)
+
+    def __call__(self, index, mask, done, total):
+        if self.bar is not None:
+            self.bar.total = max(total, done)
+            self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_job(session, job: Job, axis: str, args) -> Tuple[Dict[int, np.ndarray], Dict[str, str]]:
+    """Returns slice index -> 2D mask and the stop reason per direction."""
+    if job.mode == "slice":
+        mask, _ = session.segment_slice(axis, job.first, job.box2d)
+        return {job.first: mask}, {}
+    post = dict(keep_largest=not args.no_largest_component, fill_holes=args.fill_holes)
+    bar = ProgressBar(job.name, args.quiet)
+    try:
+        if job.mode == "propagate":
+            result = session.propagate(axis, job.first, seed_box=job.box2d, direction=args.direction,
+                                       rules=stop_rules(args), progress=bar, **post)
+        elif job.mode == "box3d":
+            result = session.segment_box3d(axis, job.box2d, job.first, job.last, progress=bar, **post)
+        else:
+            result = session.segment_key_slices(axis, job.keys, progress=bar, **post)
+    finally:
+        bar.close()
+    return result.masks, result.stop_reasons
+
+
+def run_segment(args) -> int:
+    from .volume_io import check_output_path, read_volume, write_output, write_probabilities
+    from .windowing import IntensityWindow, choose_window
+
+    axis = check_axis(args.axis)
+    volume = read_volume(args.input)
+    check_output_path(args.output, args.force)
+    if args.probabilities:
+        if os.path.abspath(args.probabilities) == os.path.abspath(args.output):
+            raise InputError("--probabilities must be a different file from the output")
+        check_output_path(args.probabilities, args.force)
+        if args.server:
+            raise InputError("--probabilities is only available with the local engine")
+    if volume.is_rgb and axis != "k":
+        raise InputError("a colour image has one slice: use --axis k")
+    jobs = plan_jobs(args, volume.shape_kji)
+    window = IntensityWindow(0, 255, False, "rgb") if volume.is_rgb else choose_window(volume.array, args.window, args.preset)
+
+    session = open_session(args, volume.array, window)
+    if args.probabilities:
+        session.predictor(axis).keep_probabilities = True
+    segments, probability = [], None
+    try:
+        for job in jobs:
+            masks, reasons = run_job(session, job, axis, args)
+            full = np.zeros(volume.shape_kji, bool)
+            for index, mask in masks.items():
+                full[slice_index(axis, index)] = mask
+            segments.append((job.name, full))
+            if args.probabilities:
+                probability = _collect_probabilities(session.predictor(axis), masks, axis, volume.shape_kji, probability)
+            _report(job, masks, reasons)
+    finally:
+        session.close()
+    write_output(args.output, segments, volume, overwrite=args.force)
+    if args.probabilities:
+        write_probabilities(args.probabilities, probability, volume, overwrite=args.force)
+    return 0
+
+
+def _collect_probabilities(predictor, masks, axis, shape, probability):
+    """Foreground probability of each segmented slice (from the call that produced it); max over segments."""
+    if probability is None:
+        probability = np.zeros(shape, np.float32)
+    for index in masks:
+        prob = predictor.kept.pop(index, None)
+        if prob is not None:
+            view = probability[slice_index(axis, index)]
+            np.maximum(view, prob, out=view)
+    predictor.kept.clear()
+    return probability
+
+
+def _report(job: Job, masks, reasons) -> None:
+    done = sorted(i for i, m in masks.items() if m.any())
+    span = f"slices {done[0]}-{done[-1]} ({len(done)})" if done else "no foreground"
+    stops = "; ".join(f"{d}: {r}" for d, r in sorted(reasons.items()))
+    print(f"{job.name}: {job.mode}, {span}" + (f"; stopped {stops}" if stops else ""))
