@@ -1,0 +1,190 @@
+"""Which engine answers the effect: a small factory so the effect only asks for "a session".
+
+EngineProvider.session(volume, window) returns an object with the LocalSession interface
+(segment_slice, propagate, segment_box3d, segment_key_slices, repropagate, set_window, close)
+from the local engine or from the remote server client. Call it on the inference worker thread:
+it may load torch and the model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENGINE_MODES = ("local", "remote")
+
+# import name -> pip requirement. torch is installed through the PyTorch extension when present.
+REQUIREMENTS: Dict[str, str] = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "segment_anything": "segment-anything==1.0",
+    "SimpleITK": "SimpleITK>=2.2",
+    "skimage": "scikit-image>=0.21",
+    "platformdirs": "platformdirs",
+    "requests": "requests",
+    "safetensors": "safetensors",
+    "tqdm": "tqdm",
+}
+REMOTE_REQUIREMENTS: Dict[str, str] = {"httpx": "httpx>=0.27"}
+
+
+@dataclass
+class EngineSettings:
+    mode: str = "local"
+    checkpoint: str = ""  # empty: the verified cached download
+    device: str = "auto"
+    precision: str = "auto"
+    url: str = ""
+    token: str = ""
+    cache_dir: str = ""  # weights cache folder; empty: the engine's default
+
+    def key(self) -> tuple:
+        return (self.mode, self.checkpoint, self.device, self.precision, self.url, self.token, self.cache_dir)
+
+    def describe(self) -> str:
+        if self.mode == "remote":
+            return f"remote engine at {self.url or '(no URL)'}"
+        return f"local engine ({self.device}, {self.precision})"
+
+
+def missing_modules(mode: str = "local") -> List[str]:
+    """Import names that cannot be found (checked without importing them)."""
+    names = dict(REQUIREMENTS) if mode != "remote" else {}
+    if mode == "remote":
+        names.update(REMOTE_REQUIREMENTS)
+        names.update({"numpy": "numpy"})
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def pip_requirements(names) -> List[str]:
+    table = dict(REQUIREMENTS)
+    table.update(REMOTE_REQUIREMENTS)
+    return [table.get(name, name) for name in names]
+
+
+def _remote_client_module():
+    from medsam_slicer.server import client  # written alongside the server
+
+    return client
+
+
+def remote_engine(settings: EngineSettings):
+    """The remote engine object from medsam_slicer.server.client (created lazily)."""
+    if not settings.url:
+        from medsam_slicer.errors import InputError
+
+        raise InputError("set the server URL in the MedSAM Slicer module (Engine: remote)")
+    client = _remote_client_module()
+    return client.RemoteEngine(settings.url, token=settings.token or None)
+
+
+def test_connection(settings: EngineSettings) -> str:
+    """A one-line description of the server, or raises with the reason."""
+    engine = remote_engine(settings)
+    for name in ("health", "info", "ping"):
+        fn = getattr(engine, name, None)
+        if callable(fn):
+            answer = fn()
+            return f"connected to {settings.url}: {answer}"
+    return f"connected to {settings.url}"
+
+
+class EngineProvider:
+    """Holds the loaded engine for the current settings and hands out sessions (worker thread only)."""
+
+    def __init__(self, settings: Optional[EngineSettings] = None):
+        self.settings = settings or EngineSettings()
+        self._engine = None
+        self._engine_key: Optional[tuple] = None
+        self._lock = threading.Lock()
+        self.weights_path: Optional[str] = None
+
+    def configure(self, settings: EngineSettings) -> None:
+        with self._lock:
+            if settings.key() != self.settings.key():
+                self._engine = None
+                self._engine_key = None
+            self.settings = settings
+
+    def weights(self, download_if_missing: bool = False) -> str:
+        from medsam_slicer import weights
+
+        return weights.ensure_weights(
+            checkpoint=self.settings.checkpoint or None,
+            download_if_missing=download_if_missing,
+            progress=False,
+            cache=self.settings.cache_dir or None,
+        )
+
+    def engine(self):
+        with self._lock:
+            key = self.settings.key()
+            if self._engine is None or self._engine_key != key:
+                if self.settings.mode == "remote":
+                    self._engine = remote_engine(self.settings)
+                else:
+                    from medsam_slicer.engine import MedSAMEngine
+
+                    self.weights_path = self.weights()
+                    self._engine = MedSAMEngine.from_checkpoint(
+                        self.weights_path, device=self.settings.device, precision=self.settings.precision
+                    )
+                self._engine_key = key
+            return self._engine
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def session(self, volume, window):
+        engine = self.engine()
+        if self.settings.mode == "remote":
+            return engine.session(volume, window)
+        from medsam_slicer.session import LocalSession
+
+        return LocalSession(engine, volume, window)
+
+    def describe_engine(self) -> str:
+        engine = self._engine
+        if engine is None:
+            return "not loaded"
+        if self.settings.mode == "remote":
+            return f"remote: {self.settings.url}"
+        return f"{getattr(engine, 'model_id', 'MedSAM')} on {engine.device} ({engine.precision})"
+
+
+def benchmark(engine, size: Tuple[int, int] = (512, 512), repeats: int = 1) -> Dict[str, float]:
+    """Seconds for one slice encode and one box decode on this computer (random uint8 image)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=size, dtype=np.uint8)
+    box = np.array([[size[1] // 4, size[0] // 4, 3 * size[1] // 4, 3 * size[0] // 4]], dtype=float)
+    engine.decode(engine.encode(image), box, size)  # warm-up (kernels, allocators)
+    encode = decode = 0.0
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        emb = engine.encode(image)
+        _ = emb.sum().item() if hasattr(emb, "sum") else None  # wait for asynchronous devices
+        t1 = time.perf_counter()
+        engine.decode(emb, box, size)
+        t2 = time.perf_counter()
+        encode += t1 - t0
+        decode += t2 - t1
+    n = max(1, repeats)
+    return {"encode_s": encode / n, "decode_s": decode / n, "slice_s": (encode + decode) / n}
+
+
+_shared: Optional[EngineProvider] = None
+
+
+def shared_provider() -> EngineProvider:
+    global _shared
+    if _shared is None:
+        _shared = EngineProvider()
+    return _shared

@@ -1,0 +1,176 @@
+"""Writing slice results into a segment through the Segment Editor's own modify path.
+
+The Segment Editor applies the editable area (mask mode), the editable intensity range and the
+overwrite-other-segments setting when a labelmap goes through ``modifySelectedSegmentByLabelmap``
+(the effect) or ``vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap`` (the logic it delegates to
+since Slicer 5.9). ``ModificationModeSet`` would replace the WHOLE segment, so slice-wise results
+are written as "remove the slices' old content" then "add the new masks", both over the slab of
+slices touched. Nothing here touches the source volume's voxels.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+_ARRAY_DIM = {"k": 0, "j": 1, "i": 2}
+_IJK = {"i": 0, "j": 1, "k": 2}
+
+# vtkSlicerSegmentEditorLogic / qSlicerSegmentEditorAbstractEffect ModificationMode values
+MODE_SET, MODE_ADD, MODE_REMOVE, MODE_REMOVE_ALL = 0, 1, 2, 3
+
+
+def image_to_array(image) -> np.ndarray:
+    """A copy of a vtkImageData's first scalar component as a [k, j, i] numpy array."""
+    from vtk.util import numpy_support
+
+    extent = image.GetExtent()
+    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    scalars = image.GetPointData().GetScalars()
+    values = numpy_support.vtk_to_numpy(scalars)
+    ncomp = scalars.GetNumberOfComponents()
+    values = values.reshape(dims + (ncomp,))[..., 0] if ncomp > 1 else values.reshape(dims)
+    return np.array(values, copy=True)
+
+
+def slab_extent(reference_image, axis: str, first: int, last: int) -> Tuple[int, int, int, int, int, int]:
+    """The reference image's extent restricted to array slices first..last along axis."""
+    extent = list(reference_image.GetExtent())
+    n = _IJK[axis]
+    start = extent[2 * n]
+    extent[2 * n], extent[2 * n + 1] = start + int(first), start + int(last)
+    return tuple(extent)
+
+
+def make_labelmap(reference_image, extent, values_kji: np.ndarray):
+    """A vtkOrientedImageData (uint8) with the reference image's geometry over `extent`."""
+    import vtk
+    from vtk.util import numpy_support
+
+    import slicer
+
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.SetSpacing(reference_image.GetSpacing())
+    labelmap.SetOrigin(reference_image.GetOrigin())
+    directions = vtk.vtkMatrix4x4()
+    reference_image.GetDirectionMatrix(directions)
+    labelmap.SetDirectionMatrix(directions)
+    labelmap.SetExtent(extent)
+    labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    flat = np.ascontiguousarray(values_kji, dtype=np.uint8).ravel()
+    target = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+    target[:] = flat
+    return labelmap
+
+
+def slice_modifiers(reference_image, masks: Dict[int, np.ndarray], axis: str):
+    """(extent, remove labelmap, add labelmap) for replacing slices `masks` ({index: bool (H, W)})."""
+    if not masks:
+        raise ValueError("no slices to write")
+    extent_full = reference_image.GetExtent()
+    size_kji = [extent_full[5] - extent_full[4] + 1, extent_full[3] - extent_full[2] + 1, extent_full[1] - extent_full[0] + 1]
+    dim = _ARRAY_DIM[axis]
+    first, last = min(masks), max(masks)
+    if first < 0 or last >= size_kji[dim]:
+        raise ValueError(f"slice index out of range 0..{size_kji[dim] - 1} along {axis}")
+    slab_shape = list(size_kji)
+    slab_shape[dim] = last - first + 1
+    remove = np.zeros(slab_shape, dtype=np.uint8)
+    add = np.zeros(slab_shape, dtype=np.uint8)
+    for index, mask in masks.items():
+        sel = [slice(None)] * 3
+        sel[dim] = index - first
+        sel = tuple(sel)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != remove[sel].shape:
+            raise ValueError(f"slice {index}: mask shape {mask.shape} does not match the slice {remove[sel].shape}")
+        remove[sel] = 1
+        add[sel] = mask
+    extent = slab_extent(reference_image, axis, first, last)
+    return extent, make_labelmap(reference_image, extent, remove), make_labelmap(reference_image, extent, add)
+
+
+def write_slices(
+    modify: Callable,
+    reference_image,
+    masks: Dict[int, np.ndarray],
+    axis: str,
+    replace: bool = True,
+) -> Tuple[int, ...]:
+    """Writes {slice index: bool mask (H, W)} along `axis` into the selected segment.
+
+    modify(labelmap, mode, extent): the editor's modify call, e.g. ``effect_modifier(scriptedEffect)``
+    or ``logic_modifier(logic, segmentationNode, segmentId)``. The caller saves the undo state once
+    before. replace: clear the slices' old content first (redrawing a slice replaces it).
+    Returns the extent written.
+    """
+    extent, remove, add = slice_modifiers(reference_image, masks, axis)
+    if replace:
+        modify(remove, MODE_REMOVE, extent)
+    if any(np.any(m) for m in masks.values()):
+        modify(add, MODE_ADD, extent)
+    return extent
+
+
+def effect_modifier(scripted_effect) -> Callable:
+    """modify() for write_slices inside a Segment Editor effect (masking and overwrite applied)."""
+    import slicer
+
+    modes = {
+        MODE_SET: slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet,
+        MODE_ADD: slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
+        MODE_REMOVE: slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove,
+    }
+
+    def modify(labelmap, mode, extent):
+        scripted_effect.modifySelectedSegmentByLabelmap(labelmap, modes[mode], list(extent))
+
+    return modify
+
+
+def logic_modifier(logic, segmentation_node, segment_id: str, per_segment: bool = True,
+                   bypass_masking: bool = False) -> Callable:
+    """modify() through vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap (the code the effect's
+    modifySelectedSegmentByLabelmap delegates to in Slicer >= 5.9)."""
+
+    import slicer
+
+    cls = slicer.vtkSlicerSegmentEditorLogic
+    modes = {MODE_SET: cls.ModificationModeSet, MODE_ADD: cls.ModificationModeAdd,
+             MODE_REMOVE: cls.ModificationModeRemove, MODE_REMOVE_ALL: cls.ModificationModeRemoveAll}
+
+    def modify(labelmap, mode, extent):
+        logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap, modes[mode], list(extent), per_segment,
+                                      bypass_masking)
+
+    return modify
+
+
+def segment_array(segmentation_node, segment_id: str, reference_image) -> np.ndarray:
+    """The segment as a bool [k, j, i] array on the reference image's grid (for reading back)."""
+    import vtk
+
+    import slicer
+
+    labelmap = slicer.vtkOrientedImageData()
+    ok = segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    if not ok:
+        raise ValueError(f"segment {segment_id} has no binary labelmap")
+    extent = labelmap.GetExtent()
+    if extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
+        ref = reference_image.GetExtent()
+        return np.zeros((ref[5] - ref[4] + 1, ref[3] - ref[2] + 1, ref[1] - ref[0] + 1), dtype=bool)
+    resampled = slicer.vtkOrientedImageData()
+    # Nearest-neighbour resampling onto the reference grid (0 outside the segment's own extent).
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, reference_image, resampled, False, False
+    ):
+        raise ValueError("could not resample the segment to the source image's grid")
+    return image_to_array(resampled) > 0
+
+
+def segment_slices(segmentation_node, segment_id: str, reference_image, axis: str, indices) -> Dict[int, np.ndarray]:
+    """Selected slices of a segment as {index: bool (H, W)}, for re-propagation and key slices."""
+    volume = segment_array(segmentation_node, segment_id, reference_image)
+    dim = _ARRAY_DIM[axis]
+    return {int(i): np.take(volume, int(i), axis=dim).copy() for i in indices}
