@@ -33,7 +33,7 @@ This module never imports transformers (a test-only dependency) nor torch.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .errors import CheckpointError
 
@@ -171,14 +171,14 @@ def _missing(state: Dict[str, object]) -> List[str]:
     return missing
 
 
-def convert_hf_to_sam(state: Dict[str, object], label: str = "checkpoint") -> Dict[str, object]:
+def convert_hf_to_sam(state: Dict[str, object], label: Optional[str] = None) -> Dict[str, object]:
     """Re-keys a transformers `SamModel` state dict to segment-anything's `Sam` names.
 
-    The tensors themselves are passed through unchanged. Raises CheckpointError (one line) when a key is
-    not part of the SamModel layout, a tensor is missing, or the two copies of the tied positional
-    embedding disagree.
+    The tensors themselves are passed through unchanged; `label` (the file's name) goes into error
+    messages. Raises CheckpointError (one line) when a key is not part of the SamModel layout, a tensor
+    is missing, or the two copies of the tied positional embedding disagree.
     """
-    where = f"checkpoint {label} (Hugging Face SamModel layout)"
+    where = f"checkpoint {label} (Hugging Face SamModel layout)" if label else "Hugging Face SamModel checkpoint"
     unknown: List[str] = []
     out: Dict[str, object] = {}
     mlp_keys: Dict[str, List[Tuple[str, "re.Match[str]"]]] = {}
