@@ -464,3 +464,47 @@ def test_failed_overwrite_keeps_the_old_file(tmp_path, ct_path, ct_array, monkey
     with pytest.raises(InputError, match="cannot write"):
         vio.write_output(str(out), _test_masks(ct_array), reference, overwrite=True)
     assert os.listdir(tmp_path) == ["labels.nii.gz"] and out.read_bytes() == b"old labels"
+
+
+def test_slicer_reads_the_seg_nrrd(tmp_path, ct_path, ct_array):
+    """3D Slicer's own storage node (slicer-core) loads the file: names, colours, voxels in RAS."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLSegmentationStorageNode"):
+        pytest.skip("slicer-core (Slicer's MRML libraries) is not installed")
+    from vtk.util import numpy_support
+
+    reference = vio.read_volume(ct_path)
+    segments = _test_masks(ct_array)
+    out = tmp_path / "for_slicer.seg.nrrd"
+    vio.write_output(str(out), segments, reference)
+
+    scene = slicer.vtkMRMLScene()
+    node = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(out))
+    assert storage.ReadData(node) == 1
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 3
+    for n, (name, mask) in enumerate(segments):
+        segment = segmentation.GetNthSegment(n)
+        assert segment.GetName() == name
+        np.testing.assert_allclose(segment.GetColor(), vio.segment_color(n), atol=1e-5)
+        labelmap = segment.GetRepresentation("Binary labelmap")
+        extent = labelmap.GetExtent()
+        dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in (2, 1, 0)]
+        values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(dims)
+        ijk = np.argwhere(values == segment.GetLabelValue())[:, ::-1] + [extent[0], extent[2], extent[4]]
+        world = vtk_matrix(labelmap)
+        ras = (world @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+        lps = ras * [-1, -1, 1]
+        np.testing.assert_allclose(sorted_rows(lps), sorted_rows(physical_points(ct_path, mask)), atol=1e-3)
+
+
+def vtk_matrix(oriented_image) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    oriented_image.GetImageToWorldMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
