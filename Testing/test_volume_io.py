@@ -508,3 +508,23 @@ def vtk_matrix(oriented_image) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     oriented_image.GetImageToWorldMatrix(matrix)
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def test_empty_segment_keeps_its_own_label(tmp_path, ct_path, ct_array):
+    reference = vio.read_volume(ct_path)
+    lung, bone = _test_masks(ct_array)[:2]
+    segments = [lung, ("nothing yet", np.zeros(ct_array.shape, bool)), bone]
+    out = tmp_path / "with_empty.seg.nrrd"
+    vio.write_output(str(out), segments, reference)
+    seg = slicerio.read_segmentation(str(out))
+    assert len({(s["layer"], s["labelValue"]) for s in seg["segments"]}) == 3
+    back = vio.read_segmentation_masks(str(out), reference)
+    assert not back["nothing yet"].any()
+    np.testing.assert_array_equal(back["bone"], bone[1])
+
+
+def test_segmentation_of_another_volume_is_refused(tmp_path, ct_path, expert_seg_path):
+    ct = vio.read_volume(ct_path)
+    elsewhere = vio.Volume(ct.array, ct.spacing, ct.origin + [0.0, 0.0, 5000.0], ct.direction, "shifted")
+    with pytest.raises(InputError, match="does not overlap"):
+        vio.read_segmentation_masks(expert_seg_path, elsewhere)

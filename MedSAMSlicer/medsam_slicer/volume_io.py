@@ -339,9 +339,10 @@ def _write_seg_nrrd(path: str, segments: Sequence[Tuple[str, np.ndarray]], refer
     layer_of = _assign_layers([mask for _, mask in segments])
     n_layers = max(layer_of) + 1
     voxels = np.zeros((n_layers,) + reference.shape_kji, np.uint8)
-    labels = []
+    labels, used_in_layer = [], [0] * n_layers
     for (_, mask), layer in zip(segments, layer_of):
-        labels.append(int(voxels[layer].max()) + 1)
+        used_in_layer[layer] += 1  # counted, not read from voxels: an empty segment still gets its own value
+        labels.append(used_in_layer[layer])
         voxels[layer][mask] = labels[-1]
     layer_extents = [_extent_ijk(voxels[n] > 0) for n in range(n_layers)]
     described = []
@@ -401,7 +402,10 @@ def read_segmentation_masks(path: str, reference: Optional[Volume] = None) -> Di
         values = [int(v) for v in np.unique(labelmap.array) if v != 0]
         segments = [(f"label {v}", 0, v) for v in values]
     if reference is not None:
+        had_voxels = any(layer.any() for layer in layers)
         layers = [_resample_nearest(layer, geometry, reference) for layer in layers]
+        if had_voxels and not any(layer.any() for layer in layers):
+            raise InputError(f"segmentation '{path}' does not overlap the volume it was given with")
     return {name: layers[layer] == value for name, layer, value in segments}
 
 
