@@ -1,0 +1,138 @@
+"""Wire encoding shared by the server and its client (numpy only: no torch, no FastAPI).
+
+Arrays travel inside JSON as ``{"dtype", "shape", "compression": "zlib", "data": base64}``:
+raw C-order bytes, zlib-compressed, base64-encoded. Nothing is ever pickled.
+
+A 2D mask travels cropped to the extent that changed against a base the receiver already has
+(an empty slice, or the mask it sent itself): ``{"offset": [row, col], "shape": [h, w], "data"}``
+where ``data`` is base64(zlib(numpy.packbits(crop))). The receiver copies its base and overwrites
+the crop; an empty crop (``shape`` [0, 0]) means "unchanged".
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import zlib
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import InputError
+
+API_PREFIX = "/v1"
+# Voxel types a volume may be sent as (little-endian on the wire).
+VOLUME_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
+
+
+class WireError(InputError):
+    """Malformed data on the wire (bad base64, corrupt zlib, sizes that do not match)."""
+
+
+def _b64decode(text: str, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise WireError(f"{what}: data must be a base64 string")
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise WireError(f"{what}: data is not valid base64") from None
+
+
+def _inflate(blob: bytes, expected: int, what: str) -> bytes:
+    """zlib-decompresses at most `expected` bytes; more (a decompression bomb) or less is an error."""
+    try:
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(blob, expected + 1)
+        if len(raw) > expected or inflater.unconsumed_tail:
+            raise WireError(f"{what}: decompressed data is larger than its shape and dtype say ({expected} bytes)")
+        raw += inflater.flush()
+        if not inflater.eof:
+            raise WireError(f"{what}: compressed data is truncated")
+    except zlib.error:
+        raise WireError(f"{what}: compressed data is corrupt") from None
+    if len(raw) != expected:
+        raise WireError(f"{what}: {len(raw)} bytes after decompression, but shape and dtype need {expected}")
+    return raw
+
+
+def encode_array(array: np.ndarray, level: int = 1) -> Dict[str, Any]:
+    array = np.asarray(array)
+    if array.dtype.name not in VOLUME_DTYPES:
+        raise InputError(f"cannot send voxels of type {array.dtype}; convert to one of {', '.join(VOLUME_DTYPES)}")
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    raw = np.ascontiguousarray(little).tobytes()
+    return {
+        "dtype": array.dtype.name,
+        "shape": [int(n) for n in array.shape],
+        "compression": "zlib",
+        "data": base64.b64encode(zlib.compress(raw, level)).decode("ascii"),
+    }
+
+
+def decode_array(payload: Dict[str, Any], max_bytes: int, what: str = "volume", ndim: Sequence[int] = (3,)) -> np.ndarray:
+    dtype_name = payload.get("dtype")
+    shape = payload.get("shape")
+    if dtype_name not in VOLUME_DTYPES:
+        raise WireError(f"{what}: unsupported dtype '{dtype_name}'; use one of {', '.join(VOLUME_DTYPES)}")
+    if payload.get("compression", "zlib") != "zlib":
+        raise WireError(f"{what}: unsupported compression '{payload.get('compression')}'; use zlib")
+    if not isinstance(shape, (list, tuple)) or len(shape) not in ndim:
+        raise WireError(f"{what}: shape must have {' or '.join(str(n) for n in ndim)} dimensions")
+    if any((not isinstance(n, int)) or isinstance(n, bool) or n < 1 for n in shape):
+        raise WireError(f"{what}: shape entries must be positive integers, got {list(shape)}")
+    dtype = np.dtype(dtype_name).newbyteorder("<")
+    expected = int(np.prod([int(n) for n in shape], dtype=np.int64)) * dtype.itemsize
+    if expected > max_bytes:
+        raise WireError(f"{what}: {expected / 2**20:.0f} MiB of voxels exceeds the server's limit of {max_bytes / 2**20:.0f} MiB")
+    raw = _inflate(_b64decode(payload.get("data"), what), expected, what)
+    return np.frombuffer(raw, dtype=dtype).reshape([int(n) for n in shape]).astype(dtype.newbyteorder("="))
+
+
+EMPTY_CROP = {"offset": [0, 0], "shape": [0, 0], "data": ""}
+
+
+def encode_mask(mask: np.ndarray, base: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """`mask` cropped to the bounding box of the pixels that differ from `base` (default: empty)."""
+    mask = np.asarray(mask, dtype=bool)
+    changed = mask if base is None else (mask != np.asarray(base, dtype=bool))
+    rows = np.flatnonzero(changed.any(axis=1))
+    if rows.size == 0:
+        return dict(EMPTY_CROP)
+    cols = np.flatnonzero(changed.any(axis=0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    crop = mask[r0:r1, c0:c1]
+    return {
+        "offset": [r0, c0],
+        "shape": [r1 - r0, c1 - c0],
+        "data": base64.b64encode(zlib.compress(np.packbits(crop).tobytes(), 6)).decode("ascii"),
+    }
+
+
+def decode_mask(payload: Dict[str, Any], size: Tuple[int, int], base: Optional[np.ndarray] = None,
+                what: str = "mask") -> np.ndarray:
+    """Rebuilds a full (H, W) bool mask from a crop over `base` (default: empty)."""
+    height, width = int(size[0]), int(size[1])
+    out = np.zeros((height, width), dtype=bool) if base is None else np.array(base, dtype=bool, copy=True)
+    if out.shape != (height, width):
+        raise WireError(f"{what}: base mask has shape {out.shape}, the slice is {(height, width)}")
+    try:
+        r0, c0 = (int(v) for v in payload["offset"])
+        h, w = (int(v) for v in payload["shape"])
+    except (KeyError, TypeError, ValueError):
+        raise WireError(f"{what}: needs offset [row, col] and shape [h, w]") from None
+    if h == 0 or w == 0:
+        return out
+    if r0 < 0 or c0 < 0 or h < 0 or w < 0 or r0 + h > height or c0 + w > width:
+        raise WireError(f"{what}: crop at {[r0, c0]} of size {[h, w]} lies outside the {height}x{width} slice")
+    packed = _inflate(_b64decode(payload.get("data"), what), (h * w + 7) // 8, what)
+    out[r0 : r0 + h, c0 : c0 + w] = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=h * w).reshape(h, w)
+    return out
+
+
+def version_tuple(version: str) -> Tuple[int, int]:
+    """major.minor of a version string such as 0.1.0 or 1.2.3.dev4."""
+    parts = str(version).split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (-1, -1)
