@@ -209,7 +209,10 @@ def _atomic_write(path: str, overwrite: bool, write) -> None:
     """
     path = os.path.abspath(os.path.expanduser(str(path)))
     folder, name = os.path.split(path)
-    scratch = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        scratch = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise InputError(f"cannot write in '{folder}': {error.strerror or error}") from None
     moved: List[str] = []
     try:
         try:
