@@ -39,6 +39,8 @@ class Behaviour:
         self.status = None  # int: answer every request with this status and no body
         self.linked_sha = None  # str: X-Linked-Etag on the /resolve/ redirect
         self.stall = None  # threading.Event: send headers then wait on it
+        self.max_range = None  # int: a 206 carries at most this many bytes (as some CDNs do)
+        self.range_from_zero = False  # bug: answer any Range with a 206 that starts at byte 0
         self.requests = []  # (path, headers dict) of every request
 
 
@@ -66,18 +68,20 @@ class Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
         if rng and b.honor_range and (if_range is None or if_range == b.etag):
-            start = int(rng.split("=", 1)[1].split("-", 1)[0])
+            start = 0 if b.range_from_zero else int(rng.split("=", 1)[1].split("-", 1)[0])
             if start >= len(data):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(data)}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            end = len(data) if b.max_range is None else min(len(data), start + b.max_range)
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         else:
             self.send_response(200)
-        body = data[start:]
+            end = len(data)
+        body = data[start:end]
         self.send_header("Content-Length", str(len(body)))
         self.send_header("ETag", b.etag)
         self.send_header("Accept-Ranges", "bytes")
@@ -281,6 +285,32 @@ def test_changed_remote_file_restarts_instead_of_splicing(server, cache):
     assert server.behaviour.requests[-1][1]["if-range"] == '"v1"'
     with open(path, "rb") as handle:
         assert handle.read() == new
+
+
+def test_short_ranges_are_continued(server, cache):
+    server.behaviour.cut_after = CUT
+    with pytest.raises(WeightsError):
+        weights.download(server.url, progress=False, timeout=TIMEOUT)
+    server.behaviour.max_range = 700_000
+    path = weights.download(server.url, expected_sha256=DATA_SHA, progress=False, timeout=TIMEOUT)
+    ranges = [h["range"] for _, h in server.behaviour.requests[1:]]
+    have = int(ranges[0][len("bytes="):-1])
+    assert 0 < have <= CUT
+    assert ranges == [f"bytes={start}-" for start in range(have, SIZE, 700_000)]
+    with open(path, "rb") as handle:
+        assert handle.read() == DATA
+
+
+def test_range_answer_at_wrong_offset_restarts(server, cache):
+    server.behaviour.cut_after = CUT
+    with pytest.raises(WeightsError):
+        weights.download(server.url, progress=False, timeout=TIMEOUT)
+    have = (cache / "model.safetensors.part").stat().st_size
+    server.behaviour.range_from_zero = True
+    path = weights.download(server.url, expected_sha256=DATA_SHA, progress=False, timeout=TIMEOUT)
+    assert [h.get("range") for _, h in server.behaviour.requests[1:]] == [f"bytes={have}-", None]
+    with open(path, "rb") as handle:
+        assert handle.read() == DATA
 
 
 def test_part_from_another_url_is_discarded(server, cache):

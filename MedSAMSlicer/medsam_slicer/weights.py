@@ -426,7 +426,10 @@ def download(
     session = requests.Session()
     session.headers["User-Agent"] = f"medsam-slicer/{__version__}"
     try:
-        for _attempt in range(_MAX_ATTEMPTS):
+        restarts = 0
+        while True:
+            if restarts >= _MAX_ATTEMPTS:
+                raise _network_error(url, "the server's answers to a resumed download were inconsistent")
             offset, meta = _resume_state(part, meta_path, url)
             if offset and meta.get("total") == offset:  # complete but never moved into place
                 return _finalize(part, meta_path, dest, _hash_existing(part, offset).hexdigest(),
@@ -444,6 +447,7 @@ def download(
                 status = response.status_code
                 if status == 416 and offset:  # our .part is not a prefix the server recognises
                     _discard_partial(part, meta_path)
+                    restarts += 1
                     continue
                 if status not in (200, 206):
                     reason = f"HTTP {status} {response.reason or ''}".strip()
@@ -452,6 +456,7 @@ def download(
                     start, total = _parse_content_range(response.headers.get("Content-Range"))
                     if start is None or start != offset:
                         _discard_partial(part, meta_path)
+                        restarts += 1
                         continue
                 else:  # 200: the whole file (a fresh download, or a server that ignores Range)
                     offset = 0
@@ -464,9 +469,10 @@ def download(
                 digest = _hash_existing(part, offset) if offset else hashlib.sha256()
                 done = _stream(response, part, offset, total, digest, name, progress, progress_callback, url)
                 if total is not None and done != total:
+                    if status == 206 and offset < done < total:
+                        continue  # the server sent a shorter range than asked for: ask for the rest
                     raise _network_error(url, f"the connection ended after {done} of {total} bytes (run again to resume)")
                 return _finalize(part, meta_path, dest, digest.hexdigest(), expected, source, advertised)
-        raise _network_error(url, "the server's answers to a resumed download were inconsistent")
     finally:
         session.close()
 
