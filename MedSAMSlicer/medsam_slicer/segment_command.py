@@ -133,6 +133,8 @@ def run_segment(args) -> int:
 
     axis = check_axis(args.axis)
     volume = read_volume(args.input)
+    for note in volume.notes:
+        print(f"note: {note}", file=sys.stderr)
     check_output_path(args.output, args.force)
     if args.probabilities:
         if os.path.abspath(args.probabilities) == os.path.abspath(args.output):
