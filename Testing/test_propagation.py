@@ -1,0 +1,530 @@
+"""Propagation: the four modes, stop rules, post-processing, progress and cancel.
+
+Oracle predictors (Testing/oracles.py) answer with a known mask cut to the box: the real CT
+sample's expert segmentation and synthetic shapes. Scripted predictors (a model that ignores its
+box and returns given masks and scores) trigger the rules an oracle cannot. One test runs the real
+SlicePredictor with the tiny random engine.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from medsam_slicer.errors import InputError
+from medsam_slicer.propagation import (
+    PropagationResult,
+    StopRules,
+    box_with_margin,
+    default_margin,
+    interpolate_box,
+    propagate_from_slice,
+    repropagate,
+    segment_box3d,
+    segment_key_slices,
+)
+from medsam_slicer.slicing import get_slice, mask_bbox, slice_count
+from oracles import Oracle, degraded_oracle, expert_segments, sphere, splitting_tube, tilted_ellipsoid
+
+NO_RULES = StopRules(min_area=1, max_area_ratio=1e9, check_centroid=False)
+
+
+def dice(a, b):
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+def extent(truth, axis="k"):
+    present = [i for i in range(slice_count(truth.shape, axis)) if get_slice(truth, axis, i).any()]
+    return present[0], present[-1]
+
+
+def assert_no_repeat(oracle):
+    assert len(set(oracle.requests)) == len(oracle.requests), "a (slice, box) was asked twice"
+
+
+class Scripted:
+    """A model that ignores its box: returns the given mask (and score) for each slice."""
+
+    def __init__(self, masks, shape, n_slices, scores=None):
+        self.masks, self.shape, self.n_slices, self.scores = masks, shape, n_slices, scores or {}
+        self.slice_shape = shape
+        self.calls = []
+
+    def __call__(self, index, box):
+        self.calls.append((index, tuple(box)))
+        mask = self.masks.get(index)
+        return (np.zeros(self.shape, bool) if mask is None else mask.copy()), self.scores.get(index, 0.9)
+
+
+def disc(shape, cy, cx, r):
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    return (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+
+
+@pytest.fixture(scope="module")
+def segments():
+    return expert_segments()
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry helpers
+
+
+def test_box_with_margin_clips_and_converts_margin():
+    assert default_margin((128, 128)) == (1, 1)
+    assert default_margin((512, 512)) == (5, 5)
+    assert default_margin((512, 256)) == (3, 5)  # (x, y): 2.5 px rounds up on the 256-wide axis
+    mask = np.zeros((20, 30), bool)
+    mask[0:4, 25:30] = True
+    assert box_with_margin(mask, 3, (20, 30)) == (22, 0, 29, 6)
+    assert box_with_margin((5, 6, 7, 8), (2, 1), (20, 30)) == (3, 5, 9, 9)
+    assert box_with_margin(np.zeros((20, 30), bool), 3, (20, 30)) is None
+    assert interpolate_box((0, 0, 10, 10), (10, 20, 30, 40), 0.5) == (5, 10, 20, 25)
+    with pytest.raises(InputError):
+        box_with_margin((1, 2, 3, 4), -1, (20, 30))
+
+
+# ---------------------------------------------------------------------------------------------
+# mode a on the real CT sample
+
+
+@pytest.mark.parametrize("name", ["right lung", "left lung", "thoracic vertebral column", "lumbar vertebral column"])
+def test_mode_a_exact_oracle_reaches_targets_on_ct(segments, name):
+    truth = segments[name]
+    first, last = extent(truth)
+    seed = (first + last) // 2
+    oracle = Oracle(truth)
+    result = propagate_from_slice(oracle, seed, seed_box=mask_bbox(truth[seed]))
+    assert dice(result.volume("k", truth.shape), truth) >= 0.95
+    assert abs(min(result.masks) - first) <= 1 and abs(max(result.masks) - last) <= 1
+    assert set(result.stop_reasons) == {"up", "down"} and not result.cancelled
+    assert max(oracle.calls.values()) == 1
+    assert oracle.prefetched and oracle.prefetched[0] == seed
+
+
+def test_mode_a_lung_reaches_volume_edge(segments):
+    truth = segments["right lung"]  # runs to the last slice (33)
+    result = propagate_from_slice(Oracle(truth), 20, seed_box=mask_bbox(truth[20]))
+    assert result.stop_reasons["up"] == "volume edge"
+    assert max(result.masks) == truth.shape[0] - 1
+
+
+@pytest.mark.parametrize("kind", ["dilated", "eroded", "dropped", "noisy"])
+def test_degraded_oracles_never_overshoot_by_more_than_two(segments, kind):
+    for name in ("right lung", "left lung", "lumbar vertebral column", "thoracic vertebral column"):
+        truth = segments[name]
+        first, last = extent(truth)
+        seed = (first + last) // 2
+        oracle = degraded_oracle(truth, kind, seed=3, protect=[seed])
+        result = propagate_from_slice(oracle, seed, seed_box=mask_bbox(truth[seed]))
+        assert result.masks, name
+        assert min(result.masks) >= first - 2 and max(result.masks) <= last + 2, (name, kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# directions and axes
+
+
+def test_directions_up_and_down_only():
+    truth = sphere()
+    first, last = extent(truth)
+    up = propagate_from_slice(Oracle(truth), 20, seed_box=mask_bbox(truth[20]), direction="up")
+    down = propagate_from_slice(Oracle(truth), 20, seed_box=mask_bbox(truth[20]), direction="down")
+    assert list(up.stop_reasons) == ["up"] and list(down.stop_reasons) == ["down"]
+    assert min(up.masks) == 20 and max(up.masks) >= last - 1
+    assert max(down.masks) == 20 and min(down.masks) <= first + 1
+    with pytest.raises(InputError):
+        propagate_from_slice(Oracle(truth), 20, seed_box=mask_bbox(truth[20]), direction="sideways")
+
+
+@pytest.mark.parametrize("axis", ["i", "j", "k"])
+def test_every_axis(axis):
+    truth = tilted_ellipsoid(shape=(36, 44, 52))  # distinct sizes so a wrong axis cannot fit
+    first, last = extent(truth, axis)
+    seed = (first + last) // 2
+    oracle = Oracle(truth, axis)
+    box = mask_bbox(get_slice(truth, axis, seed))
+    result = propagate_from_slice(oracle, seed, seed_box=box)
+    volume = result.volume(axis, truth.shape)
+    assert dice(volume, truth) >= 0.95
+    assert abs(min(result.masks) - first) <= 1 and abs(max(result.masks) - last) <= 1
+    assert_no_repeat(oracle)
+
+
+# ---------------------------------------------------------------------------------------------
+# stop rules, one by one
+
+
+def test_stop_empty_mask_and_near_empty():
+    truth = sphere()  # slice areas 1, 69, 137, ... 137, 69, 1 px from k 8 to k 32
+    first, last = extent(truth)
+    rules = StopRules(min_area=1, max_area_ratio=1e9)
+    result = propagate_from_slice(Oracle(truth), 20, seed_box=mask_bbox(truth[20]), rules=rules)
+    assert result.stop_reasons == {"up": f"empty mask at slice {last + 1}", "down": f"empty mask at slice {first - 1}"}
+    assert (min(result.masks), max(result.masks)) == (first, last)
+    # a 5 px minimum drops the 1 px poles
+    rules = StopRules(min_area=5, max_area_ratio=1e9)
+    result = propagate_from_slice(Oracle(truth), 20, seed_box=mask_bbox(truth[20]), rules=rules)
+    assert result.stop_reasons == {"up": f"near-empty mask (1 px) at slice {last}", "down": f"near-empty mask (1 px) at slice {first}"}
+    assert (min(result.masks), max(result.masks)) == (first + 1, last - 1)
+    # with the default ratio the pole is a collapse (÷69): kept, and growth stops there
+    result = propagate_from_slice(Oracle(truth), 20, seed_box=mask_bbox(truth[20]), rules=StopRules(min_area=1))
+    assert result.stop_reasons["up"] == f"area collapse ÷69.0 at slice {last}"
+    assert max(result.masks) == last
+
+
+def test_stop_area_jump_drops_the_slice():
+    shape = (40, 40)
+    masks = {i: disc(shape, 20, 20, 5) for i in range(10)}
+    masks[6] = disc(shape, 20, 20, 14)  # a leak: 9x the area
+    pred = Scripted(masks, shape, 10)
+    result = propagate_from_slice(pred, 3, seed_box=(15, 15, 25, 25), direction="up")
+    assert result.stop_reasons["up"].startswith("area jump ×") and result.stop_reasons["up"].endswith("at slice 6")
+    assert sorted(result.masks) == [3, 4, 5]
+
+
+def test_stop_area_collapse_keeps_the_slice():
+    shape = (40, 40)
+    masks = {i: disc(shape, 20, 20, 10) for i in range(10)}
+    masks[2] = disc(shape, 20, 20, 3)  # 317 -> 29 px: ÷10.9
+    pred = Scripted(masks, shape, 10)
+    result = propagate_from_slice(pred, 5, seed_box=(10, 10, 30, 30), direction="down")
+    assert result.stop_reasons["down"] == "area collapse ÷10.9 at slice 2"
+    assert sorted(result.masks) == [2, 3, 4, 5]
+    relaxed = propagate_from_slice(pred, 5, seed_box=(10, 10, 30, 30), direction="down", rules=StopRules(max_area_ratio=20))
+    assert relaxed.stop_reasons["down"] == "volume edge"
+
+
+def test_stop_centroid_left_previous_box():
+    shape = (60, 60)
+    masks = {i: disc(shape, 15, 15, 6) for i in range(8)}
+    masks[5] = disc(shape, 45, 45, 6)  # same size, another place
+    pred = Scripted(masks, shape, 8)
+    result = propagate_from_slice(pred, 2, seed_box=(9, 9, 21, 21), direction="up")
+    assert result.stop_reasons["up"] == "left previous box at slice 5"
+    assert sorted(result.masks) == [2, 3, 4]
+    off = propagate_from_slice(
+        pred, 2, seed_box=(9, 9, 21, 21), direction="up", rules=StopRules(check_centroid=False), keep_largest=False
+    )
+    assert off.stop_reasons["up"] == "volume edge"
+
+
+def test_stop_low_score():
+    shape = (40, 40)
+    masks = {i: disc(shape, 20, 20, 6) for i in range(10)}
+    scores = {i: 0.9 for i in range(10)}
+    scores[7] = 0.31
+    pred = Scripted(masks, shape, 10, scores)
+    result = propagate_from_slice(pred, 4, seed_box=(14, 14, 26, 26), rules=StopRules(min_score=0.5))
+    assert result.stop_reasons == {"up": "low score 0.31 at slice 7", "down": "volume edge"}
+    assert sorted(result.masks) == list(range(0, 7))
+    # off by default: the score alone never stops
+    assert propagate_from_slice(pred, 4, seed_box=(14, 14, 26, 26)).stop_reasons["up"] == "volume edge"
+
+
+def test_stop_volume_edge_and_max_slices():
+    truth = np.zeros((12, 32, 32), bool)
+    truth[:, 10:20, 8:22] = True  # touches both ends of the volume
+    result = propagate_from_slice(Oracle(truth), 5, seed_box=(8, 10, 21, 19))
+    assert result.stop_reasons == {"up": "volume edge", "down": "volume edge"}
+    assert sorted(result.masks) == list(range(12))
+    assert np.array_equal(result.volume("k", truth.shape), truth)
+    limited = propagate_from_slice(Oracle(truth), 5, seed_box=(8, 10, 21, 19), rules=StopRules(max_slices=3))
+    assert limited.stop_reasons == {"up": "max slices", "down": "max slices"}
+    assert sorted(limited.masks) == list(range(2, 9))
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds, edges, one-slice volumes
+
+
+def test_seed_mask_is_used_as_is_and_empty_seed_is_an_error():
+    truth = sphere()
+    oracle = Oracle(truth)
+    result = propagate_from_slice(oracle, 20, seed_mask=truth[20])
+    assert 20 not in oracle.calls  # the user's mask is not re-predicted
+    assert np.array_equal(result.masks[20], truth[20])
+    with pytest.raises(InputError, match="empty"):
+        propagate_from_slice(oracle, 20, seed_mask=np.zeros(truth.shape[1:], bool))
+    with pytest.raises(InputError):
+        propagate_from_slice(oracle, 20)
+    with pytest.raises(InputError):
+        propagate_from_slice(oracle, 20, seed_mask=np.ones((3, 3), bool))
+    with pytest.raises(InputError):
+        propagate_from_slice(oracle, 99, seed_box=(1, 1, 5, 5))
+    # a box on empty background: an empty result that says why
+    empty = propagate_from_slice(oracle, 20, seed_box=(0, 0, 4, 4))
+    assert empty.masks == {} and empty.stop_reasons == {"up": "empty mask at slice 20", "down": "empty mask at slice 20"}
+
+
+def test_one_slice_volume():
+    truth = np.zeros((1, 24, 24), bool)
+    truth[0, 5:15, 6:12] = True
+    result = propagate_from_slice(Oracle(truth), 0, seed_box=(6, 5, 11, 14))
+    assert sorted(result.masks) == [0]
+    assert result.stop_reasons == {"up": "volume edge", "down": "volume edge"}
+    box = segment_box3d(Oracle(truth), (6, 5, 11, 14), 0, 0)
+    assert sorted(box.masks) == [0] and np.array_equal(box.volume("k", truth.shape), truth)
+
+
+def test_box_touching_the_image_edge():
+    truth = np.zeros((16, 40, 40), bool)
+    for k in range(2, 14):
+        truth[k, 0 : 12 + k % 2, 30:40] = True  # touches the top and right borders
+    oracle = Oracle(truth)  # asserts every requested box lies inside the image
+    result = propagate_from_slice(oracle, 8, seed_box=(30, 0, 39, 13))
+    assert np.array_equal(result.volume("k", truth.shape), truth)
+    assert all(box[2] == 39 and box[1] == 0 for _, box in oracle.requests)
+    with pytest.raises(InputError, match="outside"):
+        propagate_from_slice(oracle, 8, seed_box=(30, 0, 40, 13))
+
+
+# ---------------------------------------------------------------------------------------------
+# post-processing
+
+
+def test_keep_largest_removes_detached_pieces_but_never_the_seeds():
+    truth = np.zeros((20, 40, 40), bool)
+    truth[2:18, 10:20, 10:20] = True  # the structure
+    truth[12:15, 21:23, 10:12] = True  # a detached piece 1 px away, caught by the box margin
+    oracle_result = propagate_from_slice(Oracle(truth), 5, seed_box=(10, 10, 19, 19), margin=3)
+    vol = oracle_result.volume("k", truth.shape)
+    assert not vol[12:15, 21:23, 10:12].any()
+    assert vol[2:18, 10:20, 10:20].all()
+    loose = propagate_from_slice(Oracle(truth), 5, seed_box=(10, 10, 19, 19), margin=3, keep_largest=False)
+    assert loose.volume("k", truth.shape)[12:15, 21:23, 10:12].all()
+
+    # the seed slice's small piece survives although a bigger detached one grows elsewhere
+    shape = (60, 60)
+    big = disc(shape, 40, 40, 12)
+    masks = {i: big for i in range(11, 16)}
+    seed_mask = disc(shape, 10, 10, 3)
+    pred = Scripted(masks, shape, 16)
+    rules = StopRules(check_centroid=False, max_area_ratio=100.0)
+    result = propagate_from_slice(pred, 10, seed_mask=seed_mask, direction="up", rules=rules)
+    assert np.array_equal(result.masks[10], seed_mask)
+    assert all(np.array_equal(result.masks[i], big) for i in range(11, 16))
+
+
+def test_fill_holes_option():
+    truth = np.zeros((10, 40, 40), bool)
+    for k in range(10):
+        truth[k] = disc((40, 40), 20, 20, 10) & ~disc((40, 40), 20, 20, 4)
+    plain = propagate_from_slice(Oracle(truth), 5, seed_box=(10, 10, 30, 30))
+    filled = propagate_from_slice(Oracle(truth), 5, seed_box=(10, 10, 30, 30), fill_holes=True)
+    assert not plain.masks[3][20, 20]
+    assert all(m[20, 20] for m in filled.masks.values())
+    assert all(np.array_equal(m, disc((40, 40), 20, 20, 10)) for m in filled.masks.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# progress and cancel
+
+
+def test_progress_in_order_with_done_and_total():
+    truth = sphere()
+    first, last = extent(truth)
+    calls = []
+    result = propagate_from_slice(
+        Oracle(truth),
+        20,
+        seed_box=mask_bbox(truth[20]),
+        rules=NO_RULES,
+        progress=lambda i, m, d, t: calls.append((i, m.sum(), d, t)),
+    )
+    order = [c[0] for c in calls]
+    assert order == [20] + list(range(21, last + 1)) + list(range(19, first - 1, -1))
+    assert [c[2] for c in calls] == list(range(1, len(calls) + 1))
+    totals = [c[3] for c in calls]
+    assert all(t >= d for _, _, d, t in calls) and totals == sorted(totals, reverse=True)
+    assert totals[0] == truth.shape[0]  # the open-ended estimate: every slice to both edges
+    assert len(calls) == len(result.masks)
+
+    box_calls = []
+    segment_box3d(Oracle(truth), mask_bbox(truth[20]), 10, 30, progress=lambda i, m, d, t: box_calls.append((d, t)))
+    assert box_calls == [(d, 21) for d in range(1, 22)]
+
+
+@pytest.mark.parametrize("style", ["event", "callable"])
+def test_cancel_returns_partial(style):
+    truth = sphere()
+    event = threading.Event()
+    seen = []
+
+    def progress(index, mask, done, total):
+        seen.append(index)
+        if done == 4:
+            event.set()
+
+    cancel = event if style == "event" else event.is_set
+    result = propagate_from_slice(Oracle(truth), 20, seed_box=mask_bbox(truth[20]), progress=progress, cancel=cancel)
+    assert result.cancelled
+    assert sorted(result.masks) == [20, 21, 22, 23] == sorted(seen)
+    assert result.stop_reasons == {"up": "cancelled", "down": "cancelled"}
+
+    event.clear()
+    box = segment_box3d(Oracle(truth), mask_bbox(truth[20]), 10, 30, progress=progress, cancel=cancel)
+    assert box.cancelled and len(box.masks) == 4 and box.stop_reasons["up"] == "cancelled"
+
+
+# ---------------------------------------------------------------------------------------------
+# mode b
+
+
+def test_mode_b_box3d_on_ct_lung(segments):
+    truth = segments["left lung"]
+    first, last = extent(truth)
+    roi = mask_bbox(truth.any(axis=0))
+    oracle = Oracle(truth)
+    result = segment_box3d(oracle, roi, first, last)
+    assert sorted(result.masks) == list(range(first, last + 1))
+    assert dice(result.volume("k", truth.shape), truth) >= 0.97
+    assert result.stop_reasons == {"up": "end of range", "down": "end of range"}
+    assert oracle.requests[0] == ((first + last) // 2, roi)
+    assert all(first <= i <= last for i, _ in oracle.requests)
+    assert all(x0 >= roi[0] and y0 >= roi[1] and x1 <= roi[2] and y1 <= roi[3] for _, (x0, y0, x1, y1) in oracle.requests)
+    assert max(oracle.calls.values()) == 1
+
+
+def test_mode_b_empty_mask_falls_back_to_box_extent():
+    truth = sphere()
+    roi = mask_bbox(truth.any(axis=0))
+    oracle = Oracle(truth, dropped=[23])
+    result = segment_box3d(oracle, roi, 10, 30, start=20)
+    assert sorted(result.masks) == list(range(10, 31))
+    assert not result.masks[23].any()
+    requested = dict(oracle.requests)
+    assert requested[24] == roi  # fallback after the empty slice
+    assert requested[28] != roi and requested[12] != roi  # elsewhere: the previous mask + margin
+    assert result.masks[25].sum() == truth[25].sum()
+    assert dice(result.volume("k", truth.shape), truth) > 0.95
+    # the mask is clipped to the box
+    clipped = segment_box3d(Oracle(truth), (20, 20, 44, 30), 15, 25)
+    assert not clipped.volume("k", truth.shape)[:, 31:, :].any()
+    with pytest.raises(InputError):
+        segment_box3d(Oracle(truth), roi, 10, 30, start=5)
+    with pytest.raises(InputError):
+        segment_box3d(Oracle(truth), roi, 30, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# mode c
+
+
+def test_mode_c_key_slices_tilted_structure():
+    truth = tilted_ellipsoid()
+    first, last = extent(truth)
+    keys = {k: mask_bbox(truth[k]) for k in range(first + 1, last, 6)}
+    oracle = Oracle(truth)
+    result = segment_key_slices(oracle, keys)
+    order = sorted(keys)
+    assert sorted(result.masks) == list(range(order[0], order[-1] + 1))
+    assert max(oracle.calls.values()) == 1
+    assert all(dict(oracle.requests)[k] == box for k, box in keys.items())
+    between = truth.copy()
+    between[: order[0]] = False
+    between[order[-1] + 1 :] = False
+    assert dice(result.volume("k", truth.shape), between) >= 0.97
+    # every in-between box lies inside the box interpolated from its two keys (intersect mode)
+    for index, (x0, y0, x1, y1) in oracle.requests:
+        if index in keys:
+            continue
+        a = max(k for k in order if k < index)
+        b = min(k for k in order if k > index)
+        ix0, iy0, ix1, iy1 = interpolate_box(keys[a], keys[b], (index - a) / (b - a))
+        assert ix0 <= x0 and iy0 <= y0 and x1 <= ix1 and y1 <= iy1
+
+
+def test_mode_c_split_structure_and_single_key():
+    truth = splitting_tube()
+    first, last = extent(truth)
+    keys = {first: mask_bbox(truth[first]), 20: mask_bbox(truth[20]), last: mask_bbox(truth[last])}
+    result = segment_key_slices(Oracle(truth), keys)
+    assert dice(result.volume("k", truth.shape), truth) >= 0.95
+    assert result.stop_reasons == {"up": "end of range", "down": "end of range"}
+    single = segment_key_slices(Oracle(truth), {20: mask_bbox(truth[20])})
+    assert sorted(single.masks) == [20]
+    with pytest.raises(InputError):
+        segment_key_slices(Oracle(truth), {})
+    with pytest.raises(InputError):
+        segment_key_slices(Oracle(truth), keys, combine="magic")
+
+
+# ---------------------------------------------------------------------------------------------
+# mode d
+
+
+def test_repropagate_recomputes_only_beyond_the_corrected_slice():
+    truth = sphere()
+    first, last = extent(truth)
+    # a first run with a degraded model stops early at both ends
+    eroded = degraded_oracle(truth, "eroded")
+    before = propagate_from_slice(eroded, 20, seed_box=mask_bbox(truth[20]))
+    assert max(before.masks) < last
+    fresh = Oracle(truth)
+    corrected = 26
+    seen = []
+    after = repropagate(
+        fresh, before, corrected, truth[corrected], seed_index=20, rules=NO_RULES, progress=lambda i, m, d, t: seen.append(i)
+    )
+    assert set(fresh.calls) == set(range(corrected + 1, last + 2))  # beyond only (last+1: the empty stop)
+    assert max(fresh.calls.values()) == 1
+    assert seen == list(range(corrected, last + 1))
+    for index in before.masks:
+        if index < corrected:
+            assert np.array_equal(after.masks[index], before.masks[index])
+    assert np.array_equal(after.masks[corrected], truth[corrected])
+    assert max(after.masks) == last and after.stop_reasons["up"] == f"empty mask at slice {last + 1}"
+    assert after.stop_reasons["down"] == "unchanged" and not after.cancelled
+
+    # correcting below the seed recomputes downward only
+    fresh = Oracle(truth)
+    down = repropagate(fresh, after, 15, truth[15], seed_index=20, rules=NO_RULES)
+    assert set(fresh.calls) == set(range(first - 1, 15))
+    assert min(down.masks) == first and down.stop_reasons["up"] == "unchanged"
+    assert all(np.array_equal(down.masks[i], after.masks[i]) for i in after.masks if i > 15)
+
+
+def test_repropagate_with_empty_correction_cuts_there():
+    truth = sphere()
+    before = propagate_from_slice(Oracle(truth), 20, seed_box=mask_bbox(truth[20]))
+    fresh = Oracle(truth)
+    after = repropagate(fresh, before.masks, 27, np.zeros(truth.shape[1:], bool), seed_index=20)
+    assert not fresh.requests
+    assert max(after.masks) == 26 and min(after.masks) == min(before.masks)
+    assert after.stop_reasons["up"] == "empty mask at slice 27"
+
+
+# ---------------------------------------------------------------------------------------------
+# the real SlicePredictor
+
+
+def test_real_slice_predictor_plugs_in_and_never_encodes_twice(tiny_engine, ct_array):
+    from medsam_slicer.predictor import SlicePredictor
+    from medsam_slicer.windowing import from_width_level
+
+    volume = ct_array[14:18]  # 4 slices: the tiny encoder still runs at 1024 x 1024 on the CPU
+    predictor = SlicePredictor(tiny_engine, volume, from_width_level(400, 40), axis="k")
+    box = segment_box3d(predictor, (30, 30, 90, 90), 1, 2)
+    assert sorted(box.masks) == [1, 2]
+    assert predictor.encoded == 2  # one encoding per slice
+    grown = propagate_from_slice(predictor, 2, seed_box=(30, 30, 90, 90), rules=NO_RULES, keep_largest=False)
+    assert predictor.encoded == 4  # slices 0 and 3 added (prefetched ahead), 1 and 2 reused
+    assert set(grown.stop_reasons) == {"up", "down"}
+    for index, mask in grown.masks.items():
+        assert mask.shape == (128, 128) and mask.dtype == bool
+    # the seed answer is the predictor's own answer for that box
+    encoded = predictor.encoded
+    assert np.array_equal(grown.masks[2], predictor(2, (30, 30, 90, 90))[0])
+    assert predictor.encoded == encoded
+
+
+def test_result_volume_checks_shapes():
+    result = PropagationResult(masks={0: np.ones((4, 5), bool)})
+    assert result.volume("k", (2, 4, 5))[0].all()
+    with pytest.raises(InputError):
+        result.volume("j", (2, 4, 5))
+    with pytest.raises(InputError):
+        PropagationResult(masks={3: np.ones((4, 5), bool)}).volume("k", (2, 4, 5))
