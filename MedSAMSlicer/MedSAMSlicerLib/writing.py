@@ -4,8 +4,10 @@ The Segment Editor applies the editable area (mask mode), the editable intensity
 overwrite-other-segments setting when a labelmap goes through ``modifySelectedSegmentByLabelmap``
 (the effect) or ``vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap`` (the logic it delegates to
 since Slicer 5.9). ``ModificationModeSet`` would replace the WHOLE segment, so slice-wise results
-are written as "remove the slices' old content" then "add the new masks", both over the slab of
-slices touched. Nothing here touches the source volume's voxels.
+are written as "add the new masks" then "remove what is outside them on those slices", both over the
+slab of slices touched. This order gives, slice by slice, what a Set of the new slice would give:
+the editable area of the "inside ... segments" modes includes the edited segment itself, so adding
+first keeps the new mask where the old slice content was. Nothing here touches the source voxels.
 """
 from __future__ import annotations
 
@@ -64,7 +66,9 @@ def make_labelmap(reference_image, extent, values_kji: np.ndarray):
 
 
 def slice_modifiers(reference_image, masks: Dict[int, np.ndarray], axis: str):
-    """(extent, remove labelmap, add labelmap) for replacing slices `masks` ({index: bool (H, W)})."""
+    """(extent, remove labelmap, add labelmap) for replacing slices `masks` ({index: bool (H, W)}).
+
+    add is the masks; remove is the rest of those slices (never the slab's other slices)."""
     if not masks:
         raise ValueError("no slices to write")
     extent_full = reference_image.GetExtent()
@@ -84,7 +88,7 @@ def slice_modifiers(reference_image, masks: Dict[int, np.ndarray], axis: str):
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != remove[sel].shape:
             raise ValueError(f"slice {index}: mask shape {mask.shape} does not match the slice {remove[sel].shape}")
-        remove[sel] = 1
+        remove[sel] = ~mask
         add[sel] = mask
     extent = slab_extent(reference_image, axis, first, last)
     return extent, make_labelmap(reference_image, extent, remove), make_labelmap(reference_image, extent, add)
@@ -99,16 +103,19 @@ def write_slices(
 ) -> Tuple[int, ...]:
     """Writes {slice index: bool mask (H, W)} along `axis` into the selected segment.
 
-    modify(labelmap, mode, extent): the editor's modify call, e.g. ``effect_modifier(scriptedEffect)``
+    modify(labelmap, mode, extent, bypass_masking): the editor's modify call, e.g. ``effect_modifier(scriptedEffect)``
     or ``logic_modifier(logic, segmentationNode, segmentId)``. The caller saves the undo state once
-    before. replace: clear the slices' old content first (redrawing a slice replaces it).
+    before. replace: clear the slices' old content outside the new masks (redrawing a slice replaces
+    it); without it the masks are added to the segment.
+    The editor's rules apply unchanged: in "inside a single segment" mode, what is erased from the
+    edited segment goes back to the mask segment (Slicer's split-a-segment behaviour).
     Returns the extent written.
     """
     extent, remove, add = slice_modifiers(reference_image, masks, axis)
-    if replace:
-        modify(remove, MODE_REMOVE, extent)
     if any(np.any(m) for m in masks.values()):
-        modify(add, MODE_ADD, extent)
+        modify(add, MODE_ADD, extent, False)
+    if replace:
+        modify(remove, MODE_REMOVE, extent, False)
     return extent
 
 
@@ -122,14 +129,13 @@ def effect_modifier(scripted_effect) -> Callable:
         MODE_REMOVE: slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove,
     }
 
-    def modify(labelmap, mode, extent):
-        scripted_effect.modifySelectedSegmentByLabelmap(labelmap, modes[mode], list(extent))
+    def modify(labelmap, mode, extent, bypass_masking=False):
+        scripted_effect.modifySelectedSegmentByLabelmap(labelmap, modes[mode], list(extent), bool(bypass_masking))
 
     return modify
 
 
-def logic_modifier(logic, segmentation_node, segment_id: str, per_segment: bool = True,
-                   bypass_masking: bool = False) -> Callable:
+def logic_modifier(logic, segmentation_node, segment_id: str, per_segment: bool = True) -> Callable:
     """modify() through vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap (the code the effect's
     modifySelectedSegmentByLabelmap delegates to in Slicer >= 5.9)."""
 
@@ -139,9 +145,9 @@ def logic_modifier(logic, segmentation_node, segment_id: str, per_segment: bool 
     modes = {MODE_SET: cls.ModificationModeSet, MODE_ADD: cls.ModificationModeAdd,
              MODE_REMOVE: cls.ModificationModeRemove, MODE_REMOVE_ALL: cls.ModificationModeRemoveAll}
 
-    def modify(labelmap, mode, extent):
+    def modify(labelmap, mode, extent, bypass_masking=False):
         logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap, modes[mode], list(extent), per_segment,
-                                      bypass_masking)
+                                      bool(bypass_masking))
 
     return modify
 
