@@ -73,9 +73,11 @@ def segments():
 
 
 def test_box_with_margin_clips_and_converts_margin():
-    assert default_margin((128, 128)) == (1, 1)
+    assert default_margin((128, 128)) == (2, 2)  # 1.25 px rounds up
     assert default_margin((512, 512)) == (5, 5)
+    assert default_margin((1024, 1024)) == (10, 10)
     assert default_margin((512, 256)) == (3, 5)  # (x, y): 2.5 px rounds up on the 256-wide axis
+    assert default_margin((16, 16)) == (1, 1)
     mask = np.zeros((20, 30), bool)
     mask[0:4, 25:30] = True
     assert box_with_margin(mask, 3, (20, 30)) == (22, 0, 29, 6)
@@ -418,7 +420,7 @@ def test_mode_c_key_slices_tilted_structure():
     first, last = extent(truth)
     keys = {k: mask_bbox(truth[k]) for k in range(first + 1, last, 6)}
     oracle = Oracle(truth)
-    result = segment_key_slices(oracle, keys)
+    result = segment_key_slices(oracle, keys, combine="intersect")
     order = sorted(keys)
     assert sorted(result.masks) == list(range(order[0], order[-1] + 1))
     assert max(oracle.calls.values()) == 1
@@ -427,7 +429,7 @@ def test_mode_c_key_slices_tilted_structure():
     between[: order[0]] = False
     between[order[-1] + 1 :] = False
     assert dice(result.volume("k", truth.shape), between) >= 0.97
-    # every in-between box lies inside the box interpolated from its two keys (intersect mode)
+    # intersect mode: every in-between box lies inside the box interpolated from its two keys
     for index, (x0, y0, x1, y1) in oracle.requests:
         if index in keys:
             continue
@@ -435,6 +437,25 @@ def test_mode_c_key_slices_tilted_structure():
         b = min(k for k in order if k > index)
         ix0, iy0, ix1, iy1 = interpolate_box(keys[a], keys[b], (index - a) / (b - a))
         assert ix0 <= x0 and iy0 <= y0 and x1 <= ix1 and y1 <= iy1
+
+
+def test_mode_c_default_union_covers_the_interpolated_box():
+    truth = sphere()  # convex: linear corners under-cover it near the poles
+    first, last = extent(truth)
+    keys = {k: mask_bbox(truth[k]) for k in (first, first + 6, 20, last - 6, last)}
+    union_oracle, inter_oracle = Oracle(truth), Oracle(truth)
+    union = segment_key_slices(union_oracle, keys)
+    inter = segment_key_slices(inter_oracle, keys, combine="intersect")
+    order = sorted(keys)
+    for index, (x0, y0, x1, y1) in union_oracle.requests:
+        if index in keys:
+            continue
+        a = max(k for k in order if k < index)
+        b = min(k for k in order if k > index)
+        ix0, iy0, ix1, iy1 = interpolate_box(keys[a], keys[b], (index - a) / (b - a))
+        assert x0 <= ix0 and y0 <= iy0 and ix1 <= x1 and iy1 <= y1
+    d_union = dice(union.volume("k", truth.shape), truth)
+    assert d_union >= 0.97 and d_union > dice(inter.volume("k", truth.shape), truth) + 0.02
 
 
 def test_mode_c_split_structure_and_single_key():
