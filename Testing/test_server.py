@@ -1,0 +1,543 @@
+"""The resident server against the local engine: a real uvicorn server in a subprocess, the tiny
+random checkpoint, the CT sample; identical masks, streaming, cancel, several users, a restart,
+bad input, tokens and limits."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+requests = pytest.importorskip("requests")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from medsam_slicer.errors import InputError  # noqa: E402
+from medsam_slicer.propagation import StopRules  # noqa: E402
+from medsam_slicer.server import client as client_mod  # noqa: E402
+from medsam_slicer.server.client import (  # noqa: E402
+    AuthError,
+    RemoteEngine,
+    ServerBusy,
+    ServerUnreachable,
+    VersionMismatch,
+)
+from medsam_slicer.server.protocol import encode_array, encode_mask  # noqa: E402
+from medsam_slicer.session import LocalSession  # noqa: E402
+from medsam_slicer.windowing import choose_window  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOX = [30, 40, 90, 100]
+TOKEN_A = "token-a-0123456789abcdef"
+TOKEN_B = "token-b-0123456789abcdef"
+START_TIMEOUT_S = 120.0
+
+_SERVE = (
+    "import json, sys, torch\n"
+    "torch.set_num_threads(int(sys.argv[2]))\n"
+    "from medsam_slicer.server.app import serve\n"
+    "serve(**json.loads(sys.argv[1]))\n"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`serve()` in a child process on a loopback port; started, killed and restarted by tests."""
+
+    def __init__(self, checkpoint: str, log_dir, port=None, **options):
+        self.port = port or free_port()
+        self.options = dict(host="127.0.0.1", port=self.port, checkpoint=str(checkpoint), device="cpu",
+                            precision="fp32", log_level="warning", **options)
+        self.log_path = os.path.join(str(log_dir), f"server-{self.port}.log")
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ServerProcess":
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "MedSAMSlicer"))
+        threads = str(max(1, min(2, os.cpu_count() or 1)))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", _SERVE, json.dumps(self.options), threads],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start in {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-4000:]
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def volume(ct_array):
+    return np.ascontiguousarray(ct_array[10:20])  # 10 slices of 128 x 128, int32 HU
+
+
+@pytest.fixture(scope="module")
+def window(volume):
+    return choose_window(volume)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    srv = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("server"), heartbeat_s=1.0).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_engine, volume, window):
+    return LocalSession(tiny_engine, volume, window)
+
+
+@pytest.fixture(scope="module")
+def remote(server, volume, window):
+    session = RemoteEngine(server.url).open_session(volume, window)
+    yield session
+    session.close()
+
+
+def assert_same_result(a, b):
+    assert list(a.masks) == list(b.masks)
+    for index in b.masks:
+        assert a.masks[index].dtype == bool and a.masks[index].shape == b.masks[index].shape
+        assert np.array_equal(a.masks[index], b.masks[index]), f"slice {index} differs"
+    assert a.stop_reasons == b.stop_reasons
+    assert a.cancelled == b.cancelled
+
+
+# ----------------------------------------------------------------------------------------------
+# same results as the local engine
+
+
+def test_health_and_info(server):
+    engine = RemoteEngine(server.url)
+    assert engine.health()["status"] == "ok"
+    info = engine.check()
+    import medsam_slicer
+
+    assert info["version"] == medsam_slicer.__version__
+    assert info["device"] == "cpu" and info["precision"] == "fp32"
+    assert info["architecture"].startswith("custom(dim=64")
+    assert info["gpu"] is None
+    assert info["max_sessions"] == 16
+
+
+def test_segment_slice_matches_local(remote, local, volume):
+    for axis, index, box in (("k", 5, BOX), ("j", 64, [20, 2, 100, 8]), ("i", 60, [10.5, 1, 90, 7.5])):
+        mask, score = remote.segment_slice(axis, index, box)
+        expected, expected_score = local.segment_slice(axis, index, box)
+        assert mask.dtype == bool and mask.shape == expected.shape
+        assert 0 < expected.sum() < expected.size, "the tiny model should give a non-trivial mask here"
+        assert np.array_equal(mask, expected)
+        assert isinstance(score, float) and score == expected_score
+    assert remote.window == local.window
+    assert remote.key == local.key
+
+
+def test_propagate_matches_local_and_streams_progress(remote, local):
+    rules = StopRules(max_slices=2)
+    got, expected = [], []
+    a = remote.propagate("k", 5, seed_box=BOX, rules=rules,
+                         progress=lambda i, m, d, t: got.append((i, m.copy(), d, t)))
+    b = local.propagate("k", 5, seed_box=BOX, rules=rules,
+                        progress=lambda i, m, d, t: expected.append((i, m.copy(), d, t)))
+    assert_same_result(a, b)
+    assert len(a.masks) >= 2
+    assert [(i, d, t) for i, _, d, t in got] == [(i, d, t) for i, _, d, t in expected]
+    assert all(np.array_equal(m1, m2) for (_, m1, _, _), (_, m2, _, _) in zip(got, expected))
+
+
+def test_propagate_from_mask_matches_local(remote, local):
+    seed, _ = local.segment_slice("k", 5, BOX)
+    a = remote.propagate("k", 5, seed_mask=seed, direction="up", rules=StopRules(max_slices=1), margin=(3, 5))
+    b = local.propagate("k", 5, seed_mask=seed, direction="up", rules=StopRules(max_slices=1), margin=(3, 5))
+    assert_same_result(a, b)
+
+
+def test_box3d_and_key_slices_match_local(remote, local):
+    assert_same_result(remote.segment_box3d("k", BOX, 4, 6), local.segment_box3d("k", BOX, 4, 6))
+    keys = {4: BOX, 7: [35, 45, 95, 100]}
+    assert_same_result(remote.segment_key_slices("k", keys, combine="interpolate"),
+                       local.segment_key_slices("k", keys, combine="interpolate"))
+
+
+def test_repropagate_matches_local(remote, local):
+    first = local.propagate("k", 5, seed_box=BOX, rules=StopRules(max_slices=2))
+    corrected_index = max(first.masks)
+    corrected = np.zeros_like(first.masks[corrected_index])
+    corrected[50:80, 40:70] = True
+    a = remote.repropagate("k", first, corrected_index, corrected, 5, rules=StopRules(max_slices=2))
+    b = local.repropagate("k", first, corrected_index, corrected, 5, rules=StopRules(max_slices=2))
+    assert_same_result(a, b)
+
+
+def test_set_window_matches_local(server, tiny_engine, volume):
+    remote = RemoteEngine(server.url).open_session(volume, "ct-lung")
+    local = LocalSession(tiny_engine, volume, choose_window(volume, preset="ct-lung"))
+    try:
+        assert remote.window == local.window
+        for session in (remote, local):
+            session.set_window(choose_window(volume, window=(350, 50)))
+        assert remote.window == local.window
+        a, sa = remote.segment_slice("k", 3, BOX)
+        b, sb = local.segment_slice("k", 3, BOX)
+        assert np.array_equal(a, b) and sa == sb
+    finally:
+        remote.close()
+
+
+def test_unknown_option_is_a_type_error_like_local(remote, local):
+    with pytest.raises(TypeError, match="speed"):
+        remote.propagate("k", 5, seed_box=BOX, speed=2)
+    with pytest.raises(TypeError):
+        local.propagate("k", 5, seed_box=BOX, speed=2)
+
+
+def test_user_mistakes_are_input_errors(remote):
+    with pytest.raises(InputError, match="outside"):
+        remote.segment_slice("k", 5, [30, 40, 200, 100])
+    with pytest.raises(InputError, match="outside the volume"):
+        remote.segment_slice("k", 10, BOX)
+    with pytest.raises(InputError, match="axis"):
+        remote.segment_slice("x", 1, BOX)
+    with pytest.raises(InputError, match="direction"):
+        remote.propagate("k", 5, seed_box=BOX, direction="sideways")
+    with pytest.raises(InputError, match="seed mask"):
+        remote.propagate("k", 5, seed_mask=np.ones((3, 3), bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# cancel
+
+
+def test_cancel_event_stops_a_long_job(server, volume, window):
+    session = RemoteEngine(server.url).open_session(volume, window)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(index, mask, done, total):
+        seen.append(index)
+        if done >= 2:
+            cancel.set()
+
+    try:
+        t0 = time.monotonic()
+        result = session.segment_box3d("j", [10, 1, 100, 8], 0, 127, progress=progress, cancel=cancel)
+        assert result.cancelled
+        assert 2 <= len(result.masks) < 40, len(result.masks)
+        assert time.monotonic() - t0 < 120
+        assert session.engine.info()["jobs"] == 0
+    finally:
+        session.close()
+
+
+def test_client_disconnect_cancels_the_job(server, volume, window):
+    engine = RemoteEngine(server.url)
+    session = engine.open_session(volume, window)
+    url = f"{server.url}/v1/sessions/{session.session_id}/box3d"
+    try:
+        with requests.post(url, json={"axis": "i", "box": [10, 1, 100, 8], "first": 0, "last": 127},
+                           stream=True, timeout=(5, 60)) as reply:
+            assert reply.status_code == 200
+            lines = reply.iter_lines()
+            assert json.loads(next(lines))["type"] == "start"
+            assert engine.info()["jobs"] == 1
+        deadline = time.monotonic() + 30
+        while engine.info()["jobs"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert engine.info()["jobs"] == 0, "the job kept running after its client left"
+    finally:
+        session.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# several users
+
+
+def test_eight_concurrent_clients_get_local_results(server, local, volume, window):
+    n_users = 8
+    jobs = [("k", u % 4, [20 + u, 30 + u, 90 + u, 100]) for u in range(n_users)]
+    expected = [local.segment_slice(*job) for job in jobs]
+    results, errors = [None] * n_users, []
+
+    def user(u):
+        try:
+            with RemoteEngine(server.url).open_session(volume, window) as session:
+                results[u] = [session.segment_slice(*jobs[u]), session.segment_slice(*jobs[(u + 1) % n_users])]
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(n_users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not errors, errors
+    for u in range(n_users):
+        for (mask, score), (emask, escore) in zip(results[u], [expected[u], expected[(u + 1) % n_users]]):
+            assert np.array_equal(mask, emask) and score == escore
+    assert RemoteEngine(server.url).info()["sessions_open"] <= 2  # all closed again (remote + at most one)
+
+
+# ----------------------------------------------------------------------------------------------
+# restart
+
+
+def test_server_restart_mid_session_reuploads_with_identical_results(tiny_checkpoint, tmp_path, local, volume, window):
+    srv = ServerProcess(tiny_checkpoint, tmp_path).start()
+    try:
+        session = RemoteEngine(srv.url).open_session(volume, window)
+        before, score = session.segment_slice("k", 2, BOX)
+        first_id = session.session_id
+        srv.kill()
+        session.engine.retries = 0
+        with pytest.raises(ServerUnreachable, match="cannot reach the MedSAM server"):
+            session.segment_slice("k", 2, BOX)
+        session.engine.retries = 3
+        srv.start()
+        after, score_after = session.segment_slice("k", 2, BOX)
+        assert session.uploads == 2 and session.session_id != first_id
+        assert np.array_equal(before, after) and score == score_after
+        expected, _ = local.segment_slice("k", 2, BOX)
+        assert np.array_equal(after, expected)
+        assert_same_result(session.segment_box3d("k", BOX, 1, 2), local.segment_box3d("k", BOX, 1, 2))
+    finally:
+        srv.stop()
+
+
+def test_unreachable_server_message():
+    engine = RemoteEngine(f"http://127.0.0.1:{free_port()}", retries=1)
+    with pytest.raises(ServerUnreachable, match="cannot reach the MedSAM server at http://127.0.0.1"):
+        engine.info()
+
+
+def test_version_mismatch_is_reported(server, monkeypatch):
+    monkeypatch.setattr(client_mod, "__version__", "0.1.9")
+    RemoteEngine(server.url).check()  # same major.minor
+    monkeypatch.setattr(client_mod, "__version__", "0.2.0")
+    with pytest.raises(VersionMismatch, match="major.minor"):
+        RemoteEngine(server.url).check()
+    with pytest.raises(VersionMismatch):
+        RemoteEngine(server.url).open_session(np.zeros((2, 8, 8), np.int16), "mr")
+
+
+# ----------------------------------------------------------------------------------------------
+# malformed input over the wire: 4xx with a one-line message, never a 500 or a traceback
+
+
+def _small_payload(dtype="int16", shape=(2, 16, 16)):
+    return encode_array(np.arange(int(np.prod(shape))).reshape(shape).astype(dtype))
+
+
+def _assert_4xx(reply, status, text=None):
+    assert reply.status_code in (status if isinstance(status, tuple) else (status,)), (reply.status_code, reply.text)
+    assert "Traceback" not in reply.text and "File \"" not in reply.text
+    body = reply.json()
+    assert body["message"] and "\n" not in body["message"]
+    if text:
+        assert text in body["message"], body["message"]
+
+
+def test_malformed_requests_get_4xx(server):
+    api = f"{server.url}/v1"
+    post = lambda path, **kw: requests.post(f"{api}{path}", timeout=(5, 60), **kw)  # noqa: E731
+
+    _assert_4xx(post("/sessions", data=b"{not json", headers={"Content-Type": "application/json"}), 422, "JSON")
+    vol = _small_payload()
+    _assert_4xx(post("/sessions", json={"volume": dict(vol, dtype="complex64")}), 400, "dtype")
+    _assert_4xx(post("/sessions", json={"volume": dict(vol, shape=[2, 16, 17])}), 400, "bytes")
+    _assert_4xx(post("/sessions", json={"volume": dict(vol, shape=[2, 16, 8])}), 400, "larger")
+    _assert_4xx(post("/sessions", json={"volume": dict(vol, shape=[2, 0, 16])}), 400, "positive")
+    _assert_4xx(post("/sessions", json={"volume": dict(vol, shape=[16, 16])}), 422)
+    _assert_4xx(post("/sessions", json={"volume": dict(vol, data="!!!not base64")}), 400, "base64")
+    corrupt = base64.b64encode(b"\x78\x9c" + os.urandom(200)).decode()
+    _assert_4xx(post("/sessions", json={"volume": dict(vol, data=corrupt)}), 400)
+    truncated = base64.b64encode(zlib.compress(np.zeros(512, np.int16).tobytes())[:-6]).decode()
+    _assert_4xx(post("/sessions", json={"volume": dict(vol, data=truncated)}), 400)
+    bomb = base64.b64encode(zlib.compress(bytes(64 * 2**20), 9)).decode()  # 64 MiB of zeros
+    _assert_4xx(post("/sessions", json={"volume": dict(vol, data=bomb)}), 400, "larger")
+    _assert_4xx(post("/sessions", json={"volume": dict(vol, shape=[100000, 100000, 100000])}), 400, "limit")
+    _assert_4xx(post("/sessions", json={"volume": vol, "window": {"preset": "ct-nope"}}), 400, "preset")
+    _assert_4xx(post("/sessions", json={"volume": vol, "window": {"width": -5, "level": 0}}), 400, "width")
+    _assert_4xx(post("/sessions", json={"volume": vol, "pickle": "x"}), 422)
+    _assert_4xx(post("/sessions", data=b'{"volume": {"dtype": "int16", "shape": [1,1,1], "data": "", '
+                     b'"compression": "zlib"}, "window": {"width": NaN, "level": 1}}',
+                     headers={"Content-Type": "application/json"}), 422)
+
+    created = post("/sessions", json={"volume": vol, "window": {"preset": "mr"}})
+    assert created.status_code == 201, created.text
+    sid = created.json()["session_id"]
+    try:
+        seg = f"/sessions/{sid}/segment"
+        _assert_4xx(post(seg, json={"axis": "k", "index": 0, "box": [0, 0, 16, 5]}), 400, "outside")
+        _assert_4xx(post(seg, json={"axis": "k", "index": 0, "box": [-1, 0, 5, 5]}), 400, "outside")
+        _assert_4xx(post(seg, json={"axis": "k", "index": 0, "box": [9, 0, 5, 5]}), 400, "inverted")
+        _assert_4xx(post(seg, json={"axis": "k", "index": 0, "box": [1, 2, 3]}), 422)
+        _assert_4xx(post(seg, json={"axis": "k", "index": 0, "box": ["a", 2, 3, 4]}), 422)
+        _assert_4xx(post(seg, json={"axis": "q", "index": 0, "box": [1, 1, 5, 5]}), 400, "axis")
+        _assert_4xx(post(seg, json={"axis": "k", "index": 2, "box": [1, 1, 5, 5]}), 400, "outside the volume")
+        _assert_4xx(post(seg, json={"axis": "k", "index": 10**30, "box": [1, 1, 5, 5]}), (400, 422))
+        prop = f"/sessions/{sid}/propagate"
+        _assert_4xx(post(prop, json={"seed_index": 0, "seed_box": [1, 1, 5, 5], "direction": "sideways"}),
+                    400, "direction")
+        _assert_4xx(post(prop, json={"seed_index": 0, "seed_box": [1, 1, 5, 5], "rules": {"max_area_ratio": 0.5}}),
+                    400, "max_area_ratio")
+        _assert_4xx(post(prop, json={"seed_index": 0}), 400)
+        _assert_4xx(post(prop, json={"seed_index": 0, "seed_mask": {"offset": [10, 10], "shape": [10, 10],
+                                                                      "data": ""}}), 400, "outside")
+        bad_mask = {"offset": [0, 0], "shape": [4, 4], "data": base64.b64encode(zlib.compress(b"\xff" * 9)).decode()}
+        _assert_4xx(post(prop, json={"seed_index": 0, "seed_mask": bad_mask}), 400)
+        _assert_4xx(post(prop, json={"seed_index": 0, "seed_box": [1, 1, 5, 5], "job_id": "../../etc"}), 422)
+        _assert_4xx(post(f"/sessions/{sid}/box3d", json={"box": [1, 1, 5, 5], "first": 0, "last": 7}), 400, "outside")
+        _assert_4xx(post(f"/sessions/{sid}/key-slices", json={"key_boxes": [{"index": 0, "box": [1, 1, 5, 5]},
+                                                                            {"index": 0, "box": [1, 1, 5, 5]}]}),
+                    400, "twice")
+        _assert_4xx(post(f"/sessions/{sid}/repropagate", json={
+            "masks": [], "corrected_index": 5, "seed_index": 0,
+            "corrected_mask": encode_mask(np.ones((16, 16), bool))}), 400, "outside the volume")
+        _assert_4xx(requests.put(f"{api}/sessions/{sid}/window", json={"low": 5, "high": 1}, timeout=10), 400)
+        _assert_4xx(post("/sessions/nope/segment", json={"axis": "k", "index": 0, "box": [1, 1, 5, 5]}), 404)
+        _assert_4xx(post("/jobs/nope-nope-nope/cancel"), 404)
+        _assert_4xx(requests.get(f"{api}/nothing-here", timeout=10), 404)
+    finally:
+        assert requests.delete(f"{api}/sessions/{sid}", timeout=10).json() == {"closed": True}
+        assert requests.delete(f"{api}/sessions/{sid}", timeout=10).json() == {"closed": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# tokens, tenancy, limits
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("guarded")
+    token_file = folder / "tokens.txt"
+    token_file.write_text(f"# two users\n{TOKEN_A}\n\n{TOKEN_B}\n")
+    srv = ServerProcess(tiny_checkpoint, folder, token_file=str(token_file), max_sessions=3,
+                        max_request_mb=1, idle_timeout_s=2.0).start()
+    yield srv
+    srv.stop()
+
+
+def test_tokens_are_required_and_checked(guarded):
+    assert requests.get(f"{guarded.url}/v1/health", timeout=10).status_code == 200  # liveness stays open
+    _assert_4xx(requests.get(f"{guarded.url}/v1/info", timeout=10), 401)
+    _assert_4xx(requests.get(f"{guarded.url}/v1/info", headers={"Authorization": "Bearer wrong"}, timeout=10), 403)
+    with pytest.raises(AuthError, match="needs a token"):
+        RemoteEngine(guarded.url).info()
+    with pytest.raises(AuthError, match="rejected the token"):
+        RemoteEngine(guarded.url, token=TOKEN_A + "x").open_session(np.zeros((2, 8, 8), np.int16), "mr")
+    assert RemoteEngine(guarded.url, token=TOKEN_B).info()["version"]
+
+
+def test_sessions_of_one_token_are_invisible_to_another(guarded):
+    a = RemoteEngine(guarded.url, token=TOKEN_A).open_session(np.arange(512, dtype=np.int16).reshape(2, 16, 16), "mr")
+    try:
+        b_headers = {"Authorization": f"Bearer {TOKEN_B}"}
+        api = f"{guarded.url}/v1/sessions/{a.session_id}"
+        _assert_4xx(requests.get(api, headers=b_headers, timeout=10), 404)
+        _assert_4xx(requests.post(f"{api}/segment", json={"axis": "k", "index": 0, "box": [1, 1, 5, 5]},
+                                  headers=b_headers, timeout=10), 404)
+        assert requests.delete(api, headers=b_headers, timeout=10).json() == {"closed": False}
+        assert RemoteEngine(guarded.url, token=TOKEN_B).info()["sessions"] == 0
+        assert requests.get(api, headers={"Authorization": f"Bearer {TOKEN_A}"}, timeout=10).status_code == 200
+    finally:
+        a.close()
+
+
+def test_request_size_limit_gives_413(guarded):
+    noise = np.random.default_rng(0).random((5, 256, 256)).astype(np.float32)  # 1.25 MiB, incompressible
+    with pytest.raises(InputError, match="refused the upload.*limit of 1 MiB"):
+        RemoteEngine(guarded.url, token=TOKEN_A).open_session(noise, "mr")
+    reply = requests.post(f"{guarded.url}/v1/sessions", data=b"x" * (2 * 2**20),
+                          headers={"Authorization": f"Bearer {TOKEN_A}", "Content-Type": "application/json"},
+                          timeout=30)
+    _assert_4xx(reply, 413)
+
+
+def test_session_limit_idle_timeout_and_transparent_reupload(guarded):
+    engine = RemoteEngine(guarded.url, token=TOKEN_A)
+    vol = np.arange(2 * 32 * 32, dtype=np.int16).reshape(2, 32, 32)
+    sessions = [engine.open_session(vol, "mr") for _ in range(3)]
+    try:
+        with pytest.raises(ServerBusy, match="full"):
+            engine.open_session(vol, "mr")
+        mask, score = sessions[0].segment_slice("k", 1, [4, 4, 20, 20])
+        deadline = time.monotonic() + 30
+        while engine.info()["sessions"] and time.monotonic() < deadline:  # idle timeout: 2 s
+            time.sleep(0.5)
+        assert engine.info()["sessions"] == 0
+        again, score_again = sessions[0].segment_slice("k", 1, [4, 4, 20, 20])
+        assert sessions[0].uploads == 2
+        assert np.array_equal(mask, again) and score == score_again
+    finally:
+        for s in sessions:
+            s.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# serve(): refusing unsafe configurations before loading anything
+
+
+def test_serve_refuses_non_loopback_without_token(tmp_path):
+    from medsam_slicer.server.app import serve
+
+    with pytest.raises(InputError, match="refusing to listen on 0.0.0.0 without a token"):
+        serve(host="0.0.0.0", port=free_port(), checkpoint=str(tmp_path / "absent.pth"))
+    with pytest.raises(InputError, match="at least 16 characters"):
+        serve(host="0.0.0.0", port=free_port(), token="short")
+    with pytest.raises(InputError, match="cannot read the token file"):
+        serve(host="0.0.0.0", port=free_port(), token_file=str(tmp_path / "none.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(InputError, match="holds no token"):
+        serve(host="10.1.2.3", token_file=str(empty))
+    with pytest.raises(InputError, match="either --token or --token-file"):
+        serve(token=TOKEN_A, token_file=str(empty))
+
+
+def test_serve_reports_a_busy_port(server):
+    from medsam_slicer.server.app import serve
+
+    with pytest.raises(InputError, match="cannot listen on 127.0.0.1"):
+        serve(port=server.port, checkpoint="unused.pth")
