@@ -152,6 +152,14 @@ def test_converted_keys_are_exactly_sams(small_hf):
         "mask_decoder.output_hypernetworks_mlps.2.layers.2.bias": "mask_decoder.output_hypernetworks_mlps.2.proj_out.bias",
         "mask_decoder.iou_prediction_head.layers.2.weight": "mask_decoder.iou_prediction_head.proj_out.weight",
     }
+    # Box prompts never use point embeddings 0/1, not-a-point or the mask convs: check those by name.
+    pairs.update({f"prompt_encoder.point_embeddings.{i}.weight": f"prompt_encoder.point_embed.{i}.weight"
+                  for i in range(4)})
+    pairs.update({f"prompt_encoder.mask_downscaling.{s}.{w}": f"prompt_encoder.mask_embed.{h}.{w}"
+                  for s, h in (("0", "conv1"), ("1", "layer_norm1"), ("3", "conv2"), ("4", "layer_norm2"), ("6", "conv3"))
+                  for w in ("weight", "bias")})
+    for name in ("prompt_encoder.not_a_point_embed.weight", "prompt_encoder.no_mask_embed.weight"):
+        pairs[name] = name
     for sam_key, hf_key in pairs.items():
         assert out[sam_key] is state[hf_key], sam_key
 
