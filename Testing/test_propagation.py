@@ -458,6 +458,19 @@ def test_mode_c_default_union_covers_the_interpolated_box():
     assert d_union >= 0.97 and d_union > dice(inter.volume("k", truth.shape), truth) + 0.02
 
 
+def test_mode_c_fills_each_gap_from_the_larger_key():
+    truth = sphere()
+    first = extent(truth)[0]  # a 1 px pole
+    oracle = Oracle(truth)
+    result = segment_key_slices(oracle, {first: mask_bbox(truth[first]), 20: mask_bbox(truth[20])})
+    between = [i for i, _ in oracle.requests if first < i < 20]
+    assert between == list(range(19, first, -1))  # from the equator down to the pole
+    assert dice(result.volume("k", truth.shape)[first : 21], truth[first:21]) >= 0.99
+    both = Oracle(truth)
+    segment_key_slices(both, {first: mask_bbox(truth[first]), 20: mask_bbox(truth[20])}, gap_fill="both")
+    assert [i for i, _ in both.requests if first < i < 20][:2] == [first + 1, 19]
+
+
 def test_mode_c_split_structure_and_single_key():
     truth = splitting_tube()
     first, last = extent(truth)

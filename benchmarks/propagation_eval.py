@@ -71,7 +71,7 @@ def score_result(result, truth) -> dict:
     return row
 
 
-def run_mode(mode, truth, oracle_kind, seed=0, rules=None, margin=None, combine="intersect"):
+def run_mode(mode, truth, oracle_kind, seed=0, rules=None, margin=None, combine="union", gap_fill="larger"):
     mid = middle_slice(truth)
     oracle = degraded_oracle(truth, oracle_kind, seed=seed, protect=[mid])
     if mode == "a":
@@ -83,7 +83,7 @@ def run_mode(mode, truth, oracle_kind, seed=0, rules=None, margin=None, combine=
         first, last = extent(truth)
         keys = sorted(set(list(range(first, last + 1, 5)) + [last]))
         keys = [k for k in keys if truth[k].any()]
-        result = segment_key_slices(oracle, {k: mask_bbox(truth[k]) for k in keys}, margin=margin, combine=combine)
+        result = segment_key_slices(oracle, {k: mask_bbox(truth[k]) for k in keys}, margin=margin, combine=combine, gap_fill=gap_fill)
     elif mode == "d":
         result = propagate_from_slice(oracle, mid, seed_box=mask_bbox(truth[mid]), rules=rules, margin=margin)
         first, last = extent(truth)
@@ -233,14 +233,14 @@ def sweeps(structures, names_ct):
             res["min_area"][f"{area}/{kind}"] = s
             print(f"  {area:<8d} {kind:8s} {s['mean_dice']:.3f}/{s['min_dice']:.3f}    {s['ends_within_one']:>6s}         {s['worst_overshoot']}")
 
-    print("key-slice box combination (mode c)   oracle   mean Dice   mean calls")
+    print("key-slice box combination (mode c)   oracle   mean/min Dice")
     res["combine"] = {}
-    for combine in ("intersect", "interpolate", "propagate", "union"):
+    for combine, gap in [(c, "larger") for c in ("union", "intersect", "interpolate", "propagate")] + [("union", "both"), ("intersect", "both")]:
         for kind in ("exact", "dilated", "dropped"):
-            rows = [run_mode("c", t, kind, combine=combine) for t in shapes.values()]
+            rows = [run_mode("c", t, kind, combine=combine, gap_fill=gap) for t in shapes.values()]
             s = {"mean_dice": round(float(np.mean([r["dice"] for r in rows])), 4), "min_dice": round(float(np.min([r["dice"] for r in rows])), 4)}
-            res["combine"][f"{combine}/{kind}"] = s
-            print(f"  {combine:34s} {kind:8s} {s['mean_dice']:.3f}/{s['min_dice']:.3f}")
+            res["combine"][f"{combine}/{gap}/{kind}"] = s
+            print(f"  {combine + ', gaps from ' + gap:34s} {kind:8s} {s['mean_dice']:.3f}/{s['min_dice']:.3f}")
     return res
 
 

@@ -505,25 +505,31 @@ def segment_key_slices(
     progress: Optional[ProgressFn] = None,
     cancel=None,
     combine: str = "union",
+    gap_fill: str = "larger",
     lookahead: int = DEFAULT_LOOKAHEAD,
 ) -> PropagationResult:
     """Segments every slice from the first to the last key slice. Key slices are prompted with
-    their boxes. Each gap between two keys is filled from both ends toward its middle, so every
-    slice follows the nearer key: a slice's box is the box interpolated linearly between the two
-    keys, combined with the previous (nearer) mask's box plus margin as `combine` says:
+    their boxes. Each gap between two keys is filled from one key toward the other (gap_fill
+    "larger", default: from the key whose mask is larger, as MedSAM's sparse-marker workflow starts
+    from the largest marker; "both": from both ends toward the middle). A slice's box is the box
+    interpolated linearly between the two keys, combined with the previous mask's box plus margin
+    as `combine` says:
 
     union (default): the box covering both. The interpolation carries the user's bounds, the
         previous mask the shape between keys; linear corners under-cover convex structures (a
         sphere's or lung's cross-section grows faster than linearly near its ends) and a mask's box
         lags where the structure widens, so each alone can cut the structure, which a box-prompted
         model cannot recover; the union is still tight (each part is) and near MedSAM's 0-20 px
-        loose training range. Exact oracle on 10 structures (benchmarks/propagation_eval.py):
-        union Dice 0.978, propagate 0.974, interpolate 0.955, intersect 0.951.
+        loose training range. Exact oracle on 10 structures (benchmarks/propagation_eval.py), gaps
+        from the larger key: union mean Dice 0.997 (min 0.979), propagate 0.997, interpolate 0.955,
+        intersect 0.954; gaps from both ends: union 0.978, intersect 0.951.
     intersect: the interpolated box cut to the previous mask's box + margin (the tightest; falls
         back to the interpolated box when they miss each other). interpolate: the interpolated box
         alone. propagate: the previous mask's box alone.
     Where the previous mask is empty, the interpolated box is used.
     """
+    if gap_fill not in ("larger", "both"):
+        raise InputError(f"gap_fill must be larger or both, got {gap_fill!r}")
     if combine not in KEY_BOX_MODES:
         raise InputError(f"combine must be one of {', '.join(KEY_BOX_MODES)}, got {combine!r}")
     run = _Run(predictor, fill_holes, progress, cancel, lookahead)
@@ -546,15 +552,22 @@ def segment_key_slices(
         run.anchors.add(index)
         run.finish(index, mask)
     for a, b in zip(order[:-1], order[1:]):
-        lo, hi = a, b
         prev = {1: run.masks[a], -1: run.masks[b]}
         plan = []
-        while lo + 1 < hi:
-            lo += 1
-            plan.append((lo, 1))
-            if lo + 1 < hi:
-                hi -= 1
-                plan.append((hi, -1))
+        if gap_fill == "larger":
+            # from the key with the larger mask across the whole gap (MedSAM's sparse-marker
+            # workflow starts from the largest marker): a key on a structure's thin tail gives
+            # poor boxes for the slices next to it, the larger side's shrinking masks do not
+            step = 1 if prev[1].sum() >= prev[-1].sum() else -1
+            plan = [(i, step) for i in (range(a + 1, b) if step == 1 else range(b - 1, a, -1))]
+        else:
+            lo, hi = a, b
+            while lo + 1 < hi:
+                lo += 1
+                plan.append((lo, 1))
+                if lo + 1 < hi:
+                    hi -= 1
+                    plan.append((hi, -1))
         for n, (index, step) in enumerate(plan):
             if run.cancelled():
                 return run.result(reasons, keep_largest)
