@@ -93,7 +93,7 @@ def to_sam_layout(state: Dict[str, "object"], label: str) -> Dict[str, "object"]
     from .hf_weights import convert_hf_to_sam, looks_like_hf
 
     if looks_like_hf(state):
-        return convert_hf_to_sam(state)
+        return convert_hf_to_sam(state, label)
     raise CheckpointError(f"checkpoint {label} is not a SAM/MedSAM state dict (no {_PATCH})")
 
 
