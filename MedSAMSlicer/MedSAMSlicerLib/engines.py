@@ -86,11 +86,15 @@ def remote_engine(settings: EngineSettings):
 def test_connection(settings: EngineSettings) -> str:
     """A one-line description of the server, or raises with the reason."""
     engine = remote_engine(settings)
-    for name in ("health", "info", "ping"):
-        fn = getattr(engine, name, None)
-        if callable(fn):
-            answer = fn()
-            return f"connected to {settings.url}: {answer}"
+    try:
+        answer = engine.check()
+    finally:
+        close = getattr(engine, "close", None)
+        if callable(close):
+            close()
+    if isinstance(answer, dict):
+        details = ", ".join(f"{k}: {v}" for k, v in answer.items() if not isinstance(v, (dict, list)))
+        return f"connected to {settings.url} ({details})" if details else f"connected to {settings.url}"
     return f"connected to {settings.url}"
 
 
@@ -144,7 +148,7 @@ class EngineProvider:
     def session(self, volume, window):
         engine = self.engine()
         if self.settings.mode == "remote":
-            return engine.session(volume, window)
+            return engine.open_session(volume, window)
         from medsam_slicer.session import LocalSession
 
         return LocalSession(engine, volume, window)

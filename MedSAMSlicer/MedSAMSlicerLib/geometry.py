@@ -204,3 +204,61 @@ def roi_ras_bounds(roi_node):
     bounds = [0.0] * 6
     roi_node.GetRASBounds(bounds)
     return (bounds[0], bounds[2], bounds[4]), (bounds[1], bounds[3], bounds[5])
+
+
+def image_to_world(image, segmentation_node=None):
+    """The editor image's structured-index -> world (RAS) matrix, including the segmentation's
+    parent transform when it is linear (what Slicer's editor logic uses for its conversions)."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    transform = segmentation_node.GetParentTransformNode() if segmentation_node is not None else None
+    if transform is not None:
+        if not transform.IsTransformToWorldLinear():
+            raise ObliqueViewError("the segmentation is under a non-linear transform: harden or remove it first")
+        to_world = vtk.vtkMatrix4x4()
+        transform.GetMatrixTransformToWorld(to_world)
+        combined = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Multiply4x4(to_world, m, combined)
+        m = combined
+    return m
+
+
+def index_direction_of_view_up(slice_node, grid_or_source, axis: str) -> int:
+    """+1 when moving the view's slice forward (its normal) increases the slice index, else -1."""
+    grid = _as_grid(grid_or_source)
+    n = AXES.index(axis)
+    return 1 if float(np.dot(grid.ijk_to_ras[:3, n], view_normal(slice_node))) > 0 else -1
+
+
+def slice_points_to_xy(slice_node, grid_or_source, axis: str, index: int, points_xy) -> np.ndarray:
+    """Points (x, y) in a slice's pixel coordinates (slicing convention) -> display XY of the view."""
+    grid = _as_grid(grid_or_source)
+    xa, ya = IN_PLANE[axis]
+    n = AXES.index(axis)
+    pts = np.asarray(points_xy, dtype=float).reshape(-1, 2)
+    ijk = np.zeros((len(pts), 3))
+    ijk[:, xa], ijk[:, ya], ijk[:, n] = pts[:, 0], pts[:, 1], index
+    ras = grid.index_to_ras(ijk)
+    ras_to_xy = np.linalg.inv(matrix_to_numpy(slice_node.GetXYToRAS()))
+    homog = np.c_[ras, np.ones(len(ras))]
+    return (ras_to_xy @ homog.T).T[:, :2]
+
+
+def mask_outline_segments(mask) -> np.ndarray:
+    """Boundary edges of a 2D bool mask as line segments (N, 2, 2) of (x, y) pixel-edge coordinates:
+    every edge between a foreground pixel and a background (or outside) pixel."""
+    mask = np.asarray(mask, dtype=bool)
+    padded = np.pad(mask, 1)
+    segs = []
+    # vertical edges: between columns x-1 and x
+    diff_x = padded[1:-1, 1:] != padded[1:-1, :-1]
+    ys, xs = np.nonzero(diff_x)
+    for y, x in zip(ys, xs):
+        segs.append(((x - 0.5, y - 0.5), (x - 0.5, y + 0.5)))
+    diff_y = padded[1:, 1:-1] != padded[:-1, 1:-1]
+    ys, xs = np.nonzero(diff_y)
+    for y, x in zip(ys, xs):
+        segs.append(((x - 0.5, y - 0.5), (x + 0.5, y - 0.5)))
+    return np.array(segs, dtype=float).reshape(-1, 2, 2)

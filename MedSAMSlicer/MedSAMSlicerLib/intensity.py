@@ -29,13 +29,17 @@ def display_width_level(volume_node):
     return width, level
 
 
-def window_for(choice: str, volume_array, volume_node=None, custom: Optional[Sequence[float]] = None):
-    """The medsam_slicer.windowing.IntensityWindow for a choice from CHOICES."""
+def window_for(choice: str, volume_array, display_wl: Optional[Sequence[float]] = None,
+               custom: Optional[Sequence[float]] = None):
+    """The medsam_slicer.windowing.IntensityWindow for a choice from CHOICES.
+
+    display_wl: (width, level) of the volume's display (see display_width_level), read on the main
+    thread; this function may run on the worker (MR percentiles scan the volume)."""
     from medsam_slicer import windowing
 
     choice = (choice or DISPLAY).lower()
     if choice == DISPLAY:
-        wl = display_width_level(volume_node)
+        wl = display_wl
         if wl is None:
             return windowing.choose_window(volume_array, preset="auto")
         return windowing.from_width_level(wl[0], wl[1], DISPLAY)

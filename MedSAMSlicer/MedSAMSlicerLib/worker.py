@@ -2,7 +2,8 @@
 
 torch (and the engine) only ever run on this thread. The thread never touches MRML or Qt: jobs
 report through ``job.report(payload)`` and finish with a result or an error; the main thread calls
-``poll()`` from a qt.QTimer and applies the events there.
+``job.poll()`` from a qt.QTimer and applies the events there (each job has its own event queue, so
+several editor widgets can share the one thread).
 """
 from __future__ import annotations
 
@@ -24,11 +25,31 @@ class Job:
         self.cancel_event = threading.Event()
         self._worker = worker
         self._fn, self._args, self._kwargs = fn, args, kwargs
+        self._events: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
         self.state = "queued"
 
     def report(self, payload) -> None:
         """Called on the worker thread: hands a progress payload to the main thread."""
-        self._worker._events.put((self, PROGRESS, payload))
+        self._events.put((PROGRESS, payload))
+
+    def _finish(self, kind: str, payload) -> None:
+        self.state = kind
+        self._events.put((kind, payload))
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (DONE, ERROR, CANCELLED)
+
+    def poll(self, limit: Optional[int] = None) -> List[Tuple[str, Any]]:
+        """(kind, payload) events ready now, oldest first (main thread); the last one of a job is
+        DONE (payload: the result), ERROR (payload: (exception, traceback text)) or CANCELLED."""
+        events = []
+        while limit is None or len(events) < limit:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        return events
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -46,7 +67,6 @@ class InferenceWorker:
 
     def __init__(self, name: str = "MedSAMInference"):
         self._jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self._events: "queue.Queue[Tuple[Job, str, Any]]" = queue.Queue()
         self._name = name
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -70,35 +90,22 @@ class InferenceWorker:
             if job is None:
                 return
             if job.cancelled:
-                job.state = CANCELLED
-                self._events.put((job, CANCELLED, None))
+                job._finish(CANCELLED, None)
                 continue
             self.current = job
             job.state = "running"
             try:
                 result = job._fn(job, *job._args, **job._kwargs)
             except BaseException as exc:  # reported to the main thread, never raised here
-                job.state = ERROR
-                self._events.put((job, ERROR, (exc, traceback.format_exc())))
-            else:
-                job.state = DONE
-                self._events.put((job, DONE, result))
-            finally:
                 self.current = None
+                job._finish(ERROR, (exc, traceback.format_exc()))
+            else:
+                self.current = None
+                job._finish(DONE, result)
 
     @property
     def busy(self) -> bool:
         return self.current is not None or not self._jobs.empty()
-
-    def poll(self, limit: Optional[int] = None) -> List[Tuple[Job, str, Any]]:
-        """Events ready now, oldest first (main thread)."""
-        events = []
-        while limit is None or len(events) < limit:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                break
-        return events
 
     def cancel_all(self) -> None:
         current = self.current
@@ -112,8 +119,7 @@ class InferenceWorker:
             if job is None:
                 continue
             job.cancel()
-            job.state = CANCELLED
-            self._events.put((job, CANCELLED, None))
+            job._finish(CANCELLED, None)
 
     def stop(self, timeout: float = 5.0) -> None:
         self.cancel_all()
