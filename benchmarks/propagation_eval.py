@@ -106,10 +106,6 @@ def run_mode(mode, truth, oracle_kind, seed=0, rules=None, margin=None, combine=
     return row
 
 
-def fmt_end(v):
-    return "-" if v is None else ("%+d" % -v if v < 0 else str(v)) if v else "0"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write every number to this file")
@@ -123,7 +119,7 @@ def main(argv=None):
     out = {"rows": [], "sweeps": {}}
 
     # ---- main table
-    print("Dice vs truth; ends: slices missed (+) or overshot (shown as +N over) at low/high end")
+    print("Dice vs the expert/true mask; low/high: slices missed at that end (N), or overshot (Nover)")
     header = f"{'structure':28s} {'mode':4s} {'oracle':8s} {'dice':>6s} {'low':>5s} {'high':>5s}  stop reasons (up / down)"
     print(header)
     print("-" * len(header))
