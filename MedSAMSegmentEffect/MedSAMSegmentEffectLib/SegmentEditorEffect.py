@@ -127,13 +127,15 @@ def _job_slice(job, holder, provider, key, volume, window_spec, axis, index, box
     return {"masks": {index: mask}, "score": score, "window": window}
 
 
-def _stop_rules(max_slices):
+def _stop_rules(max_slices, overrides=None):
     from medsam_slicer.propagation import StopRules
 
-    return StopRules(max_slices=max_slices if max_slices and max_slices > 0 else None)
+    options = dict(overrides or {})
+    options["max_slices"] = max_slices if max_slices and max_slices > 0 else None
+    return StopRules(**options)
 
 
-def _job_3d(job, holder, provider, key, volume, window_spec, kind, axis, args, max_slices):
+def _job_3d(job, holder, provider, key, volume, window_spec, kind, axis, args, max_slices, rule_overrides=None):
     session, window = holder.get(provider, key, volume, window_spec)
 
     def progress(index, mask, done, total):
@@ -143,7 +145,7 @@ def _job_3d(job, holder, provider, key, volume, window_spec, kind, axis, args, m
     if kind == "propagate":
         seed_index, seed_box, seed_mask, direction = args
         result = session.propagate(axis, seed_index, seed_box=seed_box, seed_mask=seed_mask, direction=direction,
-                                   rules=_stop_rules(max_slices), **common)
+                                   rules=_stop_rules(max_slices, rule_overrides), **common)
     elif kind == "box3d":
         box2d, first, last = args
         result = session.segment_box3d(axis, box2d, first, last, **common)
@@ -153,7 +155,7 @@ def _job_3d(job, holder, provider, key, volume, window_spec, kind, axis, args, m
     elif kind == "repropagate":
         masks, corrected_index, corrected_mask, seed_index = args
         result = session.repropagate(axis, masks, corrected_index, corrected_mask, seed_index,
-                                     rules=_stop_rules(max_slices), **common)
+                                     rules=_stop_rules(max_slices, rule_overrides), **common)
     else:
         raise ValueError(kind)
     return {"masks": dict(result.masks), "stop_reasons": dict(result.stop_reasons), "cancelled": result.cancelled,
@@ -179,6 +181,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.keyBoxes = {}  # axis -> {index: box}
         self.previewResult = None  # (axis, index, mask, viewWidget, image key)
         self.active = False
+        self.ruleOverrides = {}  # StopRules fields to override (the self-test relaxes them)
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.pollWorker)
@@ -652,7 +655,8 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             if sign < 0:
                 direction = "down" if direction == "up" else "up"
         self.submit(_job_3d, {"kind": "propagate", "axis": axis, "label": "propagating from slice %d" % index},
-                    "propagate", axis, (index, seedBox, seedMask, direction), self.maxSlices.value)
+                    "propagate", axis, (index, seedBox, seedMask, direction), self.maxSlices.value,
+                    self.ruleOverrides)
 
     def repropagate(self):
         engines, geometry, intensity, worker, writing = _lib()
@@ -674,7 +678,8 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             return
         seed = self.lastSeed[1] if self.lastSeed and self.lastSeed[0] == axis else index
         self.submit(_job_3d, {"kind": "repropagate", "axis": axis, "label": "re-propagating from slice %d" % index},
-                    "repropagate", axis, (masks, index, corrected, seed), self.maxSlices.value)
+                    "repropagate", axis, (masks, index, corrected, seed), self.maxSlices.value,
+                    self.ruleOverrides)
 
     def interpolateKeySlices(self):
         try:

@@ -1,0 +1,507 @@
+"""MedSAM Slicer: dependencies, weights, device, precision and engine for the MedSAM effect."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import qt
+import vtk
+
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+SETTINGS_PREFIX = "MedSAMSlicer/"
+
+
+class MedSAMSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        parent.title = "MedSAM Slicer"
+        parent.categories = ["Segmentation"]
+        parent.dependencies = ["Segmentations"]
+        parent.contributors = ["MedSAMSlicer contributors"]
+        parent.helpText = (
+            "Settings for the <b>MedSAM</b> Segment Editor effect: install the Python dependencies, download "
+            "and verify the MedSAM ViT-B weights, pick the device (CUDA / Apple MPS / CPU), precision and engine "
+            "(this computer or a MedSAM server), and benchmark. Segment in the Segment Editor with the MedSAM effect."
+        )
+        parent.acknowledgementText = (
+            "MedSAM: Ma J, He Y, Li F, Han L, You C, Wang B. Segment anything in medical images. "
+            "Nature Communications 15, 654 (2024). Weights: wanglab/medsam-vit-base (Apache-2.0)."
+        )
+
+
+# ---------------------------------------------------------------------------------------- logic
+
+
+class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
+    """Settings (QSettings), the shared engine provider, dependency install, weights, benchmark."""
+
+    @staticmethod
+    def settingsDefaults():
+        return {"mode": "local", "checkpoint": "", "device": "auto", "precision": "auto", "url": "", "token": ""}
+
+    @staticmethod
+    def cacheDir():
+        return os.path.join(slicer.app.cachePath, "MedSAMSlicer")
+
+    @classmethod
+    def loadSettings(cls):
+        from MedSAMSlicerLib import engines
+
+        s = qt.QSettings()
+        values = {k: str(s.value(SETTINGS_PREFIX + k, v) or "") for k, v in cls.settingsDefaults().items()}
+        return engines.EngineSettings(cache_dir=cls.cacheDir(), **values)
+
+    @staticmethod
+    def saveSettings(settings):
+        s = qt.QSettings()
+        for key in ("mode", "checkpoint", "device", "precision", "url", "token"):
+            s.setValue(SETTINGS_PREFIX + key, getattr(settings, key))
+
+    @classmethod
+    def sharedProvider(cls):
+        """The engine provider, configured from the current settings (what the effect asks for)."""
+        from MedSAMSlicerLib import engines
+
+        provider = engines.shared_provider()
+        provider.configure(cls.loadSettings())
+        return provider
+
+    # -- dependencies (main thread only: pip_install creates Qt objects)
+
+    @staticmethod
+    def missingPackages(mode="local"):
+        from MedSAMSlicerLib import engines
+
+        return engines.missing_modules(mode)
+
+    def installDependencies(self, mode="local"):
+        """Installs what is missing; the caller has asked the user. torch via the PyTorch extension
+        when it is there (it picks a CUDA build matching the driver), else pip."""
+        from MedSAMSlicerLib import engines
+
+        missing = engines.missing_modules(mode)
+        if "torch" in missing:
+            installed = False
+            try:
+                import PyTorchUtils
+
+                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+                if not torchLogic.torchInstalled():
+                    torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.1")
+                    installed = torch is not None
+                else:
+                    installed = True
+            except ImportError:
+                logging.info("PyTorch extension not installed: installing torch with pip (CPU or default build)")
+            if not installed:
+                slicer.util.pip_install("torch torchvision")
+            missing = [m for m in missing if m not in ("torch",)]
+        rest = engines.pip_requirements(missing)
+        if rest:
+            # one argument string: slicer.util.pip_install takes one up to Slicer 5.10
+            slicer.util.pip_install(" ".join('"%s"' % r if any(c in r for c in "<>=") else r for r in rest))
+        return engines.missing_modules(mode)
+
+    # -- weights
+
+    def weightsStatus(self, settings):
+        """(ok, text)."""
+        if settings.checkpoint:
+            if os.path.isfile(settings.checkpoint):
+                return True, "local file: %s" % settings.checkpoint
+            return False, "file not found: %s" % settings.checkpoint
+        try:
+            from medsam_slicer import weights
+        except ImportError as exc:
+            return False, "engine not importable (%s)" % exc
+        path = weights.cached_weights(settings.cache_dir)
+        if path is None:
+            return False, "not downloaded (cache: %s)" % weights.cache_dir(settings.cache_dir)
+        return True, "downloaded: %s" % path
+
+    def downloadWeights(self, settings, progressCallback=None):
+        """Downloads into Slicer's cache with resume and SHA-256 check; returns the path."""
+        from medsam_slicer import weights
+
+        dest = weights.default_weights_path(settings.cache_dir)
+        return weights.download(dest=dest, progress=False, progress_callback=progressCallback)
+
+    def verifyWeights(self, path):
+        from medsam_slicer import weights
+
+        return weights.verify(path)
+
+    # -- benchmark
+
+    def benchmark(self, provider):
+        """Seconds per slice (encode + decode) with the configured engine on this computer."""
+        from MedSAMSlicerLib import engines
+
+        engine = provider.engine()
+        if provider.settings.mode == "remote":
+            raise RuntimeError("the benchmark times the local engine; switch Engine to 'This computer'")
+        return engines.benchmark(engine)
+
+
+# ---------------------------------------------------------------------------------------- widget
+
+
+class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        from MedSAMSlicerLib import engines
+
+        self.logic = MedSAMSlicerLogic()
+
+        # dependencies
+        depBox = qt.QGroupBox("Dependencies")
+        depLayout = qt.QFormLayout(depBox)
+        self.depLabel = qt.QLabel()
+        self.depLabel.wordWrap = True
+        self.installButton = qt.QPushButton("Install dependencies...")
+        depLayout.addRow("Status:", self.depLabel)
+        depLayout.addRow(self.installButton)
+        self.layout.addWidget(depBox)
+
+        # weights
+        weightsBox = qt.QGroupBox("MedSAM weights")
+        weightsLayout = qt.QFormLayout(weightsBox)
+        self.weightsLabel = qt.QLabel()
+        self.weightsLabel.wordWrap = True
+        self.downloadButton = qt.QPushButton("Download (about 375 MB, SHA-256 checked)")
+        self.checkpointEdit = qt.QLineEdit()
+        self.checkpointEdit.placeholderText = "empty: the downloaded weights"
+        self.browseButton = qt.QPushButton("Browse...")
+        pathRow = qt.QHBoxLayout()
+        pathRow.addWidget(self.checkpointEdit, 1)
+        pathRow.addWidget(self.browseButton)
+        weightsLayout.addRow("Status:", self.weightsLabel)
+        weightsLayout.addRow(self.downloadButton)
+        weightsLayout.addRow("Local file:", pathRow)
+        self.layout.addWidget(weightsBox)
+
+        # engine
+        engineBox = qt.QGroupBox("Engine")
+        engineLayout = qt.QFormLayout(engineBox)
+        self.modeCombo = qt.QComboBox()
+        self.modeCombo.addItem("This computer", "local")
+        self.modeCombo.addItem("MedSAM server", "remote")
+        self.deviceCombo = qt.QComboBox()
+        for value, label in (("auto", "Automatic (CUDA, then Apple MPS, then CPU)"), ("cuda", "CUDA GPU"),
+                             ("mps", "Apple MPS"), ("cpu", "CPU")):
+            self.deviceCombo.addItem(label, value)
+        self.precisionCombo = qt.QComboBox()
+        for value, label in (("auto", "Automatic"), ("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")):
+            self.precisionCombo.addItem(label, value)
+        self.urlEdit = qt.QLineEdit()
+        self.urlEdit.placeholderText = "http://server:8000"
+        self.tokenEdit = qt.QLineEdit()
+        self.tokenEdit.echoMode = qt.QLineEdit.Password
+        self.testButton = qt.QPushButton("Test connection")
+        self.benchmarkButton = qt.QPushButton("Benchmark")
+        self.benchmarkButton.toolTip = "Loads the model and times one slice (encode + decode) on this computer."
+        self.engineLabel = qt.QLabel()
+        self.engineLabel.wordWrap = True
+        engineLayout.addRow("Engine:", self.modeCombo)
+        engineLayout.addRow("Device:", self.deviceCombo)
+        engineLayout.addRow("Precision:", self.precisionCombo)
+        engineLayout.addRow("Server URL:", self.urlEdit)
+        engineLayout.addRow("Token:", self.tokenEdit)
+        buttons = qt.QHBoxLayout()
+        buttons.addWidget(self.testButton)
+        buttons.addWidget(self.benchmarkButton)
+        engineLayout.addRow(buttons)
+        engineLayout.addRow(self.engineLabel)
+        self.layout.addWidget(engineBox)
+
+        self.openEditorButton = qt.QPushButton("Open the Segment Editor")
+        self.layout.addWidget(self.openEditorButton)
+        self.layout.addStretch(1)
+
+        self.loadSettingsIntoGUI()
+        self.installButton.connect("clicked()", self.onInstall)
+        self.downloadButton.connect("clicked()", self.onDownload)
+        self.browseButton.connect("clicked()", self.onBrowse)
+        self.testButton.connect("clicked()", self.onTestConnection)
+        self.benchmarkButton.connect("clicked()", self.onBenchmark)
+        self.openEditorButton.connect("clicked()", lambda: slicer.util.selectModule("SegmentEditor"))
+        for combo in (self.modeCombo, self.deviceCombo, self.precisionCombo):
+            combo.connect("currentIndexChanged(int)", self.onSettingsChanged)
+        for edit in (self.urlEdit, self.tokenEdit, self.checkpointEdit):
+            edit.connect("editingFinished()", self.onSettingsChanged)
+        self.refresh()
+
+    def enter(self):
+        self.refresh()
+
+    def loadSettingsIntoGUI(self):
+        s = MedSAMSlicerLogic.loadSettings()
+        for combo, value in ((self.modeCombo, s.mode), (self.deviceCombo, s.device), (self.precisionCombo, s.precision)):
+            combo.setCurrentIndex(max(0, combo.findData(value)))
+        self.urlEdit.text = s.url
+        self.tokenEdit.text = s.token
+        self.checkpointEdit.text = s.checkpoint
+
+    def settingsFromGUI(self):
+        from MedSAMSlicerLib import engines
+
+        return engines.EngineSettings(
+            mode=self.modeCombo.currentData, checkpoint=self.checkpointEdit.text.strip(),
+            device=self.deviceCombo.currentData, precision=self.precisionCombo.currentData,
+            url=self.urlEdit.text.strip(), token=self.tokenEdit.text, cache_dir=MedSAMSlicerLogic.cacheDir())
+
+    def onSettingsChanged(self, *args):
+        settings = self.settingsFromGUI()
+        MedSAMSlicerLogic.saveSettings(settings)
+        MedSAMSlicerLogic.sharedProvider()  # drops a loaded engine whose settings changed
+        self.refresh()
+
+    def refresh(self):
+        settings = self.settingsFromGUI()
+        remote = settings.mode == "remote"
+        for w in (self.urlEdit, self.tokenEdit, self.testButton):
+            w.enabled = remote
+        for w in (self.deviceCombo, self.precisionCombo, self.benchmarkButton, self.downloadButton):
+            w.enabled = not remote
+        missing = MedSAMSlicerLogic.missingPackages(settings.mode)
+        self.depLabel.text = "all installed" if not missing else "missing: " + ", ".join(missing)
+        self.installButton.enabled = bool(missing)
+        if missing and "torch" in missing:
+            self.weightsLabel.text = "install the dependencies first"
+        else:
+            ok, text = self.logic.weightsStatus(settings)
+            self.weightsLabel.text = text
+        self.engineLabel.text = "Loaded: " + MedSAMSlicerLogic.sharedProvider().describe_engine()
+
+    def onInstall(self):
+        settings = self.settingsFromGUI()
+        missing = MedSAMSlicerLogic.missingPackages(settings.mode)
+        if not missing:
+            return
+        from MedSAMSlicerLib import engines
+
+        text = ("MedSAM needs these Python packages in Slicer's Python:\n\n  %s\n\n"
+                "torch is installed through the PyTorch extension when it is installed (it picks a GPU build "
+                "for your driver), otherwise with pip. This downloads up to a few GB and can take several minutes; "
+                "Slicer may look busy meanwhile. Install now?" % "\n  ".join(engines.pip_requirements(missing)))
+        if not slicer.util.confirmOkCancelDisplay(text, "MedSAM: install dependencies"):
+            return
+        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed. Check your network or proxy, then "
+                                             "try again; see the Python console for pip's output.", waitCursor=True):
+            still = self.logic.installDependencies(settings.mode)
+            if still:
+                slicer.util.warningDisplay("Still missing: %s. Restart Slicer and try again." % ", ".join(still))
+        self.refresh()
+
+    def onDownload(self):
+        settings = self.settingsFromGUI()
+        progress = slicer.util.createProgressDialog(labelText="Downloading MedSAM weights...", maximum=100)
+        progress.setCancelButtonText("Cancel")
+
+        class Cancelled(Exception):
+            pass
+
+        def callback(done, total):
+            if total:
+                progress.setValue(int(100 * done / total))
+                progress.setLabelText("Downloading MedSAM weights... %.0f / %.0f MB" % (done / 1e6, total / 1e6))
+            slicer.app.processEvents()
+            if progress.wasCanceled:
+                raise Cancelled()
+
+        try:
+            path = self.logic.downloadWeights(settings, callback)
+            slicer.util.infoDisplay("MedSAM weights downloaded and verified:\n%s" % path)
+        except Cancelled:
+            slicer.util.infoDisplay("Download cancelled; it resumes where it stopped next time.")
+        except Exception as exc:
+            slicer.util.errorDisplay("Downloading the weights failed: %s\n\nOffline? Put the weights file "
+                                     "(medsam_vit_b.pth or model.safetensors) on this computer and choose it "
+                                     "under 'Local file'." % exc)
+        finally:
+            progress.close()
+        self.refresh()
+
+    def onBrowse(self):
+        path = qt.QFileDialog.getOpenFileName(self.parent, "MedSAM checkpoint", "",
+                                              "Checkpoints (*.pth *.pt *.safetensors);;All files (*)")
+        if path:
+            self.checkpointEdit.text = path
+            self.onSettingsChanged()
+
+    def onTestConnection(self):
+        from MedSAMSlicerLib import engines
+
+        with slicer.util.tryWithErrorDisplay("Could not reach the MedSAM server.", waitCursor=True):
+            message = engines.test_connection(self.settingsFromGUI())
+            slicer.util.infoDisplay(message)
+
+    def onBenchmark(self):
+        provider = MedSAMSlicerLogic.sharedProvider()
+        with slicer.util.tryWithErrorDisplay("Benchmark failed.", waitCursor=True):
+            # Runs on the inference worker, so it never races with the effect; this dialog waits.
+            from MedSAMSlicerLib import worker
+
+            job = worker.shared_worker().submit(lambda job: self.logic.benchmark(provider), tag="benchmark")
+            progress = slicer.util.createProgressDialog(labelText="Loading the model and timing one slice...",
+                                                        maximum=0)
+            try:
+                import time
+
+                events = []
+                while not events:
+                    slicer.app.processEvents()
+                    time.sleep(0.05)
+                    events = [e for e in job.poll() if e[0] != worker.PROGRESS]
+            finally:
+                progress.close()
+            kind, payload = events[-1]
+            if kind != worker.DONE:
+                raise payload[0] if payload else RuntimeError("cancelled")
+            slicer.util.infoDisplay(
+                "%s\n\n%.2f s per slice (encode %.2f s + decode %.3f s).\nA 100-slice propagation takes about %.0f s."
+                % (provider.describe_engine(), payload["slice_s"], payload["encode_s"], payload["decode_s"],
+                   100 * payload["slice_s"]))
+        self.refresh()
+
+
+# ---------------------------------------------------------------------------------------- self-test
+
+
+class MedSAMSlicerTest(ScriptedLoadableModuleTest):
+    """In-Slicer test: CTChest, the MedSAM effect, a dragged box, propagation and undo, with a tiny
+    random-weight checkpoint built at test time (segment-anything's _build_sam): it checks the plumbing
+    (geometry, writing, worker, undo), not segmentation quality."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_box_propagate_undo()
+
+    def tinyCheckpoint(self):
+        import tempfile
+
+        import torch
+        from segment_anything.build_sam import _build_sam
+
+        torch.manual_seed(0)
+        sam = _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1],
+                         checkpoint=None)
+        with torch.no_grad():  # large logits: masks do not flicker with noise
+            for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+                mlp.layers[-1].weight.mul_(40.0)
+                mlp.layers[-1].bias.mul_(40.0)
+        path = os.path.join(tempfile.mkdtemp(), "tiny_medsam.pth")
+        torch.save(sam.state_dict(), path)
+        return path
+
+    def waitForEffect(self, effect, timeout=300.0):
+        import time
+
+        start = time.time()
+        while effect.job is not None:
+            slicer.app.processEvents()
+            time.sleep(0.02)
+            self.assertLess(time.time() - start, timeout, "MedSAM did not finish in time")
+        slicer.app.processEvents()
+
+    def test_box_propagate_undo(self):
+        import numpy as np
+        import SampleData
+
+        self.delayDisplay("Loading CTChest")
+        volume = SampleData.SampleDataLogic().downloadCTChest()
+        self.assertIsNotNone(volume)
+        before = slicer.util.arrayFromVolume(volume).copy()
+
+        missing = MedSAMSlicerLogic.missingPackages("local")
+        self.assertEqual(missing, [], "install the dependencies from the MedSAM Slicer module first")
+
+        # engine: CPU, fp32, tiny random checkpoint
+        settings = MedSAMSlicerLogic.loadSettings()
+        saved = (settings.mode, settings.checkpoint, settings.device, settings.precision)
+        settings.mode, settings.checkpoint, settings.device, settings.precision = "local", self.tinyCheckpoint(), "cpu", "fp32"
+        MedSAMSlicerLogic.saveSettings(settings)
+        try:
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            segmentId = segmentation.GetSegmentation().AddEmptySegment("structure")
+
+            slicer.util.selectModule("SegmentEditor")
+            editorWidget = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            editorWidget.setSegmentationNode(segmentation)
+            if hasattr(editorWidget, "setSourceVolumeNode"):
+                editorWidget.setSourceVolumeNode(volume)
+            else:
+                editorWidget.setMasterVolumeNode(volume)
+            editorWidget.setCurrentSegmentID(segmentId)
+            editorWidget.setActiveEffectByName("MedSAM")
+            effect = editorWidget.activeEffect()
+            self.assertIsNotNone(effect, "the MedSAM effect is not registered")
+            effect = effect.self()
+
+            layoutManager = slicer.app.layoutManager()
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
+            red = layoutManager.sliceWidget("Red")
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+            slicer.app.processEvents()
+            sliceNode = red.mrmlSliceNode()
+            view = red.sliceView()
+            w, h = view.width, view.height
+
+            self.delayDisplay("Dragging a box")
+            slicer.util.clickAndDrag(red, start=(int(0.35 * w), int(0.35 * h)), end=(int(0.65 * w), int(0.65 * h)))
+            self.waitForEffect(effect)
+            seg = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+            self.assertIsNotNone(seg)
+            zs = np.flatnonzero(seg.reshape(seg.shape[0], -1).any(axis=1))
+            self.assertEqual(len(zs), 1, "one slice written after the box, got %s" % list(zs))
+            from MedSAMSlicerLib import geometry
+
+            axis, index = geometry.view_axis_and_slice(sliceNode, volume)
+            self.assertEqual(axis, "k")
+            self.assertEqual(int(zs[0]), index, "the mask is on the dragged slice")
+
+            self.delayDisplay("Propagating")
+            effect.lastView = red
+            # random weights give noisy masks: relax the stop rules and cap the growth at 3 slices per side
+            effect.ruleOverrides = {"min_area": 1, "max_area_ratio": 1e9, "check_centroid": False}
+            effect.maxSlices.value = 3
+            effect.propagate("both")
+            self.waitForEffect(effect)
+            seg = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+            zs = np.flatnonzero(seg.reshape(seg.shape[0], -1).any(axis=1))
+            self.assertGreater(len(zs), 2, "propagation extends over several slices")
+            self.assertIn(index, list(zs))
+
+            self.delayDisplay("Undo")
+            editorWidget.undo()
+            seg = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+            zs_after = np.flatnonzero(seg.reshape(seg.shape[0], -1).any(axis=1)) if seg is not None else []
+            self.assertEqual(list(zs_after), [index], "one undo removes the whole propagation")
+            editorWidget.undo()
+            seg = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+            self.assertTrue(seg is None or not seg.any(), "a second undo removes the box's slice")
+
+            self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before), "source voxels unchanged")
+            editorWidget.setActiveEffect(None)
+            self.delayDisplay("MedSAM self-test passed")
+        finally:
+            settings.mode, settings.checkpoint, settings.device, settings.precision = saved
+            MedSAMSlicerLogic.saveSettings(settings)
+            MedSAMSlicerLogic.sharedProvider()
