@@ -468,7 +468,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         volume = None
         if key != self.sessionKey or self.holder.session is None:
             volume = writing.image_to_array(image)  # a copy: the worker never sees VTK memory
-        action.update({"key": key, "image": image, "undoSaved": False, "written": set()})
+        action.update({"key": key, "image": image, "undoSaved": False, "written": {}})
         self.action = action
         self.job = worker.shared_worker().submit(fn, self.holder, self.provider(), key, volume, self.windowSpec(), *args,
                                                  tag=action.get("kind"))
@@ -742,7 +742,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             self.scriptedEffect.saveStateForUndo()  # once per user action: one Ctrl+Z undoes it all
             action["undoSaved"] = True
         self.writeMasks(masks, action["axis"], image)
-        action["written"].update(masks)
+        action["written"].update(masks)  # index -> mask as written
 
     def pollWorker(self):
         engines, geometry, intensity, worker, writing = _lib()
@@ -802,9 +802,17 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
                 self.status("Slice %d segmented (score %.2f, %s). Propagate with u / j / p."
                             % (index, result["score"], intensity.describe(result["window"])))
         else:
-            rest = {i: m for i, m in masks.items() if i not in action["written"]}
-            if rest:
-                self.writeForAction(rest)
+            # Slices streamed during the run are raw; the final result is post-processed in 3D (components
+            # anchored to the seed) and may drop slices: rewrite what differs, clear what was dropped.
+            import numpy as np
+
+            written = action["written"]
+            fix = {i: m for i, m in masks.items() if i not in written or not np.array_equal(written[i], m)}
+            for i, m in written.items():
+                if i not in masks:
+                    fix[i] = np.zeros_like(m)
+            if fix:
+                self.writeForAction(fix)
             reasons = ", ".join("%s: %s" % kv for kv in result.get("stop_reasons", {}).items())
             done = "cancelled, kept" if result.get("cancelled") else "done:"
             self.status("MedSAM %s %d slices%s." % (done, len(masks), (" (" + reasons + ")") if reasons else ""))
