@@ -111,7 +111,7 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         rest = engines.pip_requirements(missing)
         if rest:
             # one argument string: slicer.util.pip_install takes one up to Slicer 5.10
-            slicer.util.pip_install(" ".join('"%s"' % r if any(c in r for c in "<>=") else r for r in rest))
+            slicer.util.pip_install(" ".join(f'"{r}"' if any(c in r for c in "<>=") else r for r in rest))
         return engines.missing_modules(mode)
 
     # -- weights
@@ -120,16 +120,16 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         """(ok, text)."""
         if settings.checkpoint:
             if os.path.isfile(settings.checkpoint):
-                return True, "local file: %s" % settings.checkpoint
-            return False, "file not found: %s" % settings.checkpoint
+                return True, f"local file: {settings.checkpoint}"
+            return False, f"file not found: {settings.checkpoint}"
         try:
             from medsam_slicer import weights
         except ImportError as exc:
-            return False, "engine not importable (%s)" % exc
+            return False, f"engine not importable ({exc})"
         path = weights.cached_weights(settings.cache_dir)
         if path is None:
-            return False, "not downloaded (cache: %s)" % weights.cache_dir(settings.cache_dir)
-        return True, "downloaded: %s" % path
+            return False, f"not downloaded (cache: {weights.cache_dir(settings.cache_dir)})"
+        return True, f"downloaded: {path}"
 
     def downloadWeights(self, settings, progressCallback=None):
         """Downloads into Slicer's cache with resume and SHA-256 check; returns the path."""
@@ -292,17 +292,17 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
             return
         from MedSAMSlicerLib import engines
 
-        text = ("MedSAM needs these Python packages in Slicer's Python:\n\n  %s\n\n"
+        text = ("MedSAM needs these Python packages in Slicer's Python:\n\n  {}\n\n"
                 "torch is installed through the PyTorch extension when it is installed (it picks a GPU build "
                 "for your driver), otherwise with pip. This downloads up to a few GB and can take several minutes; "
-                "Slicer may look busy meanwhile. Install now?" % "\n  ".join(engines.pip_requirements(missing)))
+                "Slicer may look busy meanwhile. Install now?".format("\n  ".join(engines.pip_requirements(missing))))
         if not slicer.util.confirmOkCancelDisplay(text, "MedSAM: install dependencies"):
             return
         with slicer.util.tryWithErrorDisplay("Installing the dependencies failed. Check your network or proxy, then "
                                              "try again; see the Python console for pip's output.", waitCursor=True):
             still = self.logic.installDependencies(settings.mode)
             if still:
-                slicer.util.warningDisplay("Still missing: %s. Restart Slicer and try again." % ", ".join(still))
+                slicer.util.warningDisplay("Still missing: {}. Restart Slicer and try again.".format(", ".join(still)))
         self.refresh()
 
     def onDownload(self):
@@ -316,20 +316,20 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
         def callback(done, total):
             if total:
                 progress.setValue(int(100 * done / total))
-                progress.setLabelText("Downloading MedSAM weights... %.0f / %.0f MB" % (done / 1e6, total / 1e6))
+                progress.setLabelText(f"Downloading MedSAM weights... {done / 1e6:.0f} / {total / 1e6:.0f} MB")
             slicer.app.processEvents()
             if progress.wasCanceled:
                 raise Cancelled()
 
         try:
             path = self.logic.downloadWeights(settings, callback)
-            slicer.util.infoDisplay("MedSAM weights downloaded and verified:\n%s" % path)
+            slicer.util.infoDisplay(f"MedSAM weights downloaded and verified:\n{path}")
         except Cancelled:
             slicer.util.infoDisplay("Download cancelled; it resumes where it stopped next time.")
         except Exception as exc:
-            slicer.util.errorDisplay("Downloading the weights failed: %s\n\nOffline? Put the weights file "
+            slicer.util.errorDisplay(f"Downloading the weights failed: {exc}\n\nOffline? Put the weights file "
                                      "(medsam_vit_b.pth or model.safetensors) on this computer and choose it "
-                                     "under 'Local file'." % exc)
+                                     "under 'Local file'.")
         finally:
             progress.close()
         self.refresh()
@@ -371,8 +371,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
             if kind != worker.DONE:
                 raise payload[0] if payload else RuntimeError("cancelled")
             slicer.util.infoDisplay(
-                "%s\n\n%.2f s per slice (encode %.2f s + decode %.3f s).\nA 100-slice propagation takes about %.0f s."
-                % (provider.describe_engine(), payload["slice_s"], payload["encode_s"], payload["decode_s"],
+                "{}\n\n{:.2f} s per slice (encode {:.2f} s + decode {:.3f} s).\nA 100-slice propagation takes about {:.0f} s.".format(provider.describe_engine(), payload["slice_s"], payload["encode_s"], payload["decode_s"],
                    100 * payload["slice_s"]))
         self.refresh()
 
@@ -470,7 +469,7 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
             seg = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
             self.assertIsNotNone(seg)
             zs = np.flatnonzero(seg.reshape(seg.shape[0], -1).any(axis=1))
-            self.assertEqual(len(zs), 1, "one slice written after the box, got %s" % list(zs))
+            self.assertEqual(len(zs), 1, f"one slice written after the box, got {list(zs)}")
             from MedSAMSlicerLib import geometry
 
             axis, index = geometry.view_axis_and_slice(sliceNode, volume)

@@ -67,11 +67,11 @@ def test_lib_imports_without_torch_in_a_fresh_interpreter():
     import subprocess
 
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, {!r})\n"
         "import MedSAMSlicerLib.geometry, MedSAMSlicerLib.writing, MedSAMSlicerLib.worker, "
         "MedSAMSlicerLib.engines, MedSAMSlicerLib.intensity\n"
         "bad = [m for m in ('torch', 'segment_anything', 'medsam_slicer.engine') if m in sys.modules]\n"
-        "print(bad); sys.exit(1 if bad else 0)\n" % os.path.join(ROOT, "MedSAMSlicer")
+        "print(bad); sys.exit(1 if bad else 0)\n".format(os.path.join(ROOT, "MedSAMSlicer"))
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

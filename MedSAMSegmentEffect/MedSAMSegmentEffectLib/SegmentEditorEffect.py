@@ -362,9 +362,9 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         choice = self.scriptedEffect.parameter("Window") or "display"
         if choice == "display":
             wl = intensity.display_width_level(self.sourceVolumeNode())
-            self.windowLabel.text = ("display: W %g L %g" % wl) if wl else "display window unknown: automatic"
+            self.windowLabel.text = ("display: W {:g} L {:g}".format(*wl)) if wl else "display window unknown: automatic"
         elif choice == "custom":
-            self.windowLabel.text = "custom: W %g L %g" % (self.windowWidth.value, self.windowLevel.value)
+            self.windowLabel.text = f"custom: W {self.windowWidth.value:g} L {self.windowLevel.value:g}"
         else:
             self.windowLabel.text = ""
 
@@ -442,7 +442,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         provider = self.provider()
         missing = engines.missing_modules(provider.settings.mode)
         if missing:
-            self.status("Missing Python packages (%s): install them from the MedSAM Slicer module." % ", ".join(missing),
+            self.status("Missing Python packages ({}): install them from the MedSAM Slicer module.".format(", ".join(missing)),
                         error=True)
             return False
         if self.job is not None:
@@ -479,7 +479,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         self.cancelButton.visible = busy
         self.progressBar.setValue(0)
         loading = "" if self.provider().loaded else " (loading the model first: this can take a while)"
-        self.status("MedSAM: %s...%s" % (action.get("label", "working"), loading))
+        self.status("MedSAM: {}...{}".format(action.get("label", "working"), loading))
 
     # ------------------------------------------------------------------ interaction
 
@@ -574,7 +574,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         if self.keySliceCheck.checked and not preview:
             self.keyBoxes.setdefault(axis, {})[index] = box
         self.submit(_job_slice, {"kind": "slice", "axis": axis, "index": index, "box": box, "preview": preview,
-                                 "view": viewWidget, "label": "segmenting slice %d" % index},
+                                 "view": viewWidget, "label": f"segmenting slice {index}"},
                     axis, index, box)
 
     def showBox(self, viewWidget, axis, index, box, image):
@@ -610,7 +610,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         self.writeMasks({index: mask}, axis, image)
         self.clearOutlines()
         self.scriptedEffect.forceRender(viewWidget)
-        self.status("Preview written to slice %d." % index)
+        self.status(f"Preview written to slice {index}.")
 
     # ------------------------------------------------------------------ 3D actions
 
@@ -647,14 +647,14 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             if self.lastSeed and self.lastSeed[:2] == (axis, index):
                 seedMask, seedBox = None, self.lastSeed[2]
             else:
-                self.status("Slice %d of the selected segment is empty: draw a box on it first." % index, error=True)
+                self.status(f"Slice {index} of the selected segment is empty: draw a box on it first.", error=True)
                 return
         if direction != "both":
             # "up" = the direction in which the view's slice moves forward
             sign = geometry.index_direction_of_view_up(view.sliceLogic().GetSliceNode(), self.grid(self.sourceImage()), axis)
             if sign < 0:
                 direction = "down" if direction == "up" else "up"
-        self.submit(_job_3d, {"kind": "propagate", "axis": axis, "label": "propagating from slice %d" % index},
+        self.submit(_job_3d, {"kind": "propagate", "axis": axis, "label": f"propagating from slice {index}"},
                     "propagate", axis, (index, seedBox, seedMask, direction), self.maxSlices.value,
                     self.ruleOverrides)
 
@@ -674,10 +674,10 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         masks = {n: volume.take(n, axis=dim).copy() for n in present}
         corrected = volume.take(index, axis=dim).copy()
         if not corrected.any():
-            self.status("Correct slice %d first (it is empty)." % index, error=True)
+            self.status(f"Correct slice {index} first (it is empty).", error=True)
             return
         seed = self.lastSeed[1] if self.lastSeed and self.lastSeed[0] == axis else index
-        self.submit(_job_3d, {"kind": "repropagate", "axis": axis, "label": "re-propagating from slice %d" % index},
+        self.submit(_job_3d, {"kind": "repropagate", "axis": axis, "label": f"re-propagating from slice {index}"},
                     "repropagate", axis, (masks, index, corrected, seed), self.maxSlices.value,
                     self.ruleOverrides)
 
@@ -693,7 +693,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             return
         if not self.readyToRun():
             return
-        self.submit(_job_3d, {"kind": "keys", "axis": axis, "label": "interpolating %d key slices" % len(keys)},
+        self.submit(_job_3d, {"kind": "keys", "axis": axis, "label": f"interpolating {len(keys)} key slices"},
                     "keys", axis, (keys,), 0)
 
     def clearKeySlices(self):
@@ -760,7 +760,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
                     index, mask, done, total = payload
                     pending[index] = mask
                     self.progressBar.setValue(int(100 * done / max(total, 1)))
-                    self.status("MedSAM: %s (%d/%d)" % (self.action.get("label"), done, total))
+                    self.status(f"MedSAM: {self.action.get('label')} ({done}/{total})")
                 elif kind == worker.DONE:
                     if pending:
                         self.writeForAction(pending)
@@ -783,6 +783,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
                 self.status(str(exc), error=True)
 
     def finishAction(self, result):
+        engines, geometry, intensity, worker, writing = _lib()
         action = self.action
         masks = result["masks"]
         kind = action["kind"]
@@ -791,16 +792,16 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             mask = masks[index]
             view = action["view"]
             if not mask.any():
-                self.status("MedSAM found nothing in the box on slice %d." % index)
+                self.status(f"MedSAM found nothing in the box on slice {index}.")
             if action["preview"]:
                 self.showPreview(view, action["axis"], index, mask, action["image"])
-                self.status("Preview of slice %d (score %.2f): Enter writes it, Esc discards it."
-                            % (index, result["score"]))
+                score = result["score"]
+                self.status(f"Preview of slice {index} (score {score:.2f}): Enter writes it, Esc discards it.")
             else:
                 self.writeForAction({index: mask})
                 self.lastSeed = (action["axis"], index, action["box"])
-                self.status("Slice %d segmented (score %.2f, %s). Propagate with u / j / p."
-                            % (index, result["score"], intensity.describe(result["window"])))
+                score, window = result["score"], intensity.describe(result["window"])
+                self.status(f"Slice {index} segmented (score {score:.2f}, {window}). Propagate with u / j / p.")
         else:
             # Slices streamed during the run are raw; the final result is post-processed in 3D (components
             # anchored to the seed) and may drop slices: rewrite what differs, clear what was dropped.
@@ -813,15 +814,15 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
                     fix[i] = np.zeros_like(m)
             if fix:
                 self.writeForAction(fix)
-            reasons = ", ".join("%s: %s" % kv for kv in result.get("stop_reasons", {}).items())
+            reasons = ", ".join("{}: {}".format(*kv) for kv in result.get("stop_reasons", {}).items())
             done = "cancelled, kept" if result.get("cancelled") else "done:"
-            self.status("MedSAM %s %d slices%s." % (done, len(masks), (" (" + reasons + ")") if reasons else ""))
+            self.status("MedSAM {} {} slices{}.".format(done, len(masks), (" (" + reasons + ")") if reasons else ""))
         self.endAction()
 
     def failAction(self, error):
         if error is None:
             written = len(self.action["written"]) if self.action else 0
-            self.status("Cancelled; %d slices kept (Ctrl+Z removes them)." % written)
+            self.status(f"Cancelled; {written} slices kept (Ctrl+Z removes them).")
         else:
             exc, tb = error
             if tb:
@@ -838,8 +839,8 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         except ImportError:
             pass
         if isinstance(exc, ImportError):
-            return "A Python package is missing (%s): install it from the MedSAM Slicer module." % exc
-        return "MedSAM failed: %s: %s" % (type(exc).__name__, exc)
+            return f"A Python package is missing ({exc}): install it from the MedSAM Slicer module."
+        return f"MedSAM failed: {type(exc).__name__}: {exc}"
 
     def endAction(self):
         self.job = None
