@@ -42,9 +42,16 @@ def cpu_has_fast_bf16() -> bool:
 
 
 class MedSAMEngine:
-    """Runs MedSAM on single slices. Thread-safe: one lock serialises model calls."""
+    """Runs MedSAM on single slices. Thread-safe: one lock serialises encoder calls and another
+    decoder calls (they use disjoint modules), so a re-prompt need not wait for a background encode.
 
-    def __init__(self, sam, device: str = "cpu", precision: str = "fp32", model_id: str = "medsam"):
+    fast: run the image encoder through `fast_encoder` (SDPA attention, private weights in the
+    compute dtype; exact within 1e-6 in fp32). False keeps segment-anything's module as published
+    (reduced precisions then run it under autocast). compile: torch.compile the fast encoder (GPU).
+    """
+
+    def __init__(self, sam, device: str = "cpu", precision: str = "fp32", model_id: str = "medsam",
+                 fast: bool = True, compile: bool = False):
         import torch
 
         self.device = device
@@ -53,11 +60,23 @@ class MedSAMEngine:
         self.sam = sam.to(device).eval()
         self._dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self._lock = threading.RLock()
+        self._decode_lock = threading.RLock()
+        # Slices per encoder call: batching pays on GPUs; on a CPU it only multiplies peak memory.
+        self.max_batch = 1 if device == "cpu" else 8
+        self.fast = bool(fast)
         self._encoder = self.sam.image_encoder
-        if self.precision != "fp32":
+        if self.fast:
             from .fast_encoder import prepare_encoder
 
-            self._encoder = prepare_encoder(self.sam.image_encoder, self._dtype)
+            self._encoder = prepare_encoder(self.sam.image_encoder, self._dtype, device, compile=compile)
+        elif self.precision != "fp32":
+            encoder, dtype = self.sam.image_encoder, self._dtype
+
+            def autocast_encoder(x):
+                with torch.autocast(device_type=x.device.type, dtype=dtype):
+                    return encoder(x.float())
+
+            self._encoder = autocast_encoder
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto") -> "MedSAMEngine":
@@ -76,16 +95,25 @@ class MedSAMEngine:
         """uint8 slice (H, W) or (H, W, 3) -> image embedding (1, 256, 64, 64), float32 on device."""
         return self.encode_batch([image])[0:1]
 
-    def encode_batch(self, images: Sequence[np.ndarray]):
-        """Encodes several slices in one encoder call (N, 256, 64, 64)."""
+    def encode_batch(self, images: Sequence[np.ndarray], interrupt=None):
+        """Encodes several slices (N, 256, 64, 64), `max_batch` slices per encoder call.
+
+        interrupt: optional callable checked between transformer blocks by the fast encoder; when it
+        returns True the call raises `fast_encoder.EncodeInterrupted` and releases the model.
+        """
         import torch
 
-        batch = np.concatenate([model_input(img) for img in images], axis=0)
-        with self._lock, torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            if self.precision == "fp32":
-                return self._encoder(x).float()
-            return self._encoder(x.to(self._dtype)).float()
+        batch = np.concatenate([model_input(img) for img in images], axis=0)  # outside the lock
+        outs = []
+        for start in range(0, len(batch), self.max_batch):
+            part = np.ascontiguousarray(batch[start : start + self.max_batch])
+            with self._lock, torch.inference_mode():
+                x = torch.from_numpy(part).to(self.device)
+                if self.fast:
+                    outs.append(self._encoder(x, interrupt=interrupt))
+                else:
+                    outs.append(self._encoder(x).float())
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
     def decode(self, embedding, boxes, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
         """Boxes [x0, y0, x1, y1] (N, 4) in slice pixels over one embedding.
@@ -97,7 +125,7 @@ class MedSAMEngine:
 
         height, width = size
         boxes_1024 = boxes_to_model(boxes, height, width)
-        with self._lock, torch.inference_mode():
+        with self._decode_lock, torch.inference_mode():
             box_t = torch.as_tensor(boxes_1024, dtype=torch.float, device=self.device)[:, None, :]
             sparse, dense = self.sam.prompt_encoder(points=None, boxes=box_t, masks=None)
             logits, iou = self.sam.mask_decoder(

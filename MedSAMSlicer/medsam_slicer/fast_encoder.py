@@ -98,7 +98,7 @@ def _fast_base():
     class FastImageEncoder(torch.nn.Module):
         """A functional re-implementation of ImageEncoderViT over a private copy of its weights."""
 
-        def __init__(self, encoder, dtype, device=None):
+        def __init__(self, encoder, dtype, device=None, residual_fp32: bool = True):
             super().__init__()
             dtype = _dtype_of(dtype)
             if device is None:
@@ -107,6 +107,9 @@ def _fast_base():
             self.device = torch.device(device)
             self.interrupt: Optional[Callable[[], bool]] = None
             self.keep_workspace = True
+            self.compiled_blocks = None
+            self.supports_interrupt = True
+            self.residual_dtype = torch.float32 if residual_fp32 else dtype
             self._ws_local = threading.local()
 
             def cp(t, dt=dtype):  # private, detached copy: nothing shared with the caller's module
@@ -118,14 +121,15 @@ def _fast_base():
                 self.patch_stride = tuple(proj.stride)
                 self.patch_padding = tuple(proj.padding)
                 self.patch_w = cp(proj.weight)
-                self.patch_b = cp(proj.bias, f32)
-                self.pos_embed = cp(encoder.pos_embed, f32) if encoder.pos_embed is not None else None
+                rdt = f32 if residual_fp32 else dtype
+                self.patch_b = cp(proj.bias, rdt)
+                self.pos_embed = cp(encoder.pos_embed, rdt) if encoder.pos_embed is not None else None
                 self.blocks: List[_BlockWeights] = []
                 for blk in encoder.blocks:
                     w = _BlockWeights()
-                    w.norm1 = (cp(blk.norm1.weight, f32), cp(blk.norm1.bias, f32))
+                    w.norm1 = (cp(blk.norm1.weight, rdt), cp(blk.norm1.bias, rdt))
                     w.eps1 = blk.norm1.eps
-                    w.norm2 = (cp(blk.norm2.weight, f32), cp(blk.norm2.bias, f32))
+                    w.norm2 = (cp(blk.norm2.weight, rdt), cp(blk.norm2.bias, rdt))
                     w.eps2 = blk.norm2.eps
                     attn = blk.attn
                     w.qkv_w, w.qkv_b = cp(attn.qkv.weight), (cp(attn.qkv.bias) if attn.qkv.bias is not None else None)
@@ -181,12 +185,14 @@ def _fast_base():
             out = out.transpose(1, 2).reshape(n, h, wd, c)
             return F.linear(out, w.proj_w, w.proj_b)
 
-        def _block(self, x, w: _BlockWeights):
-            """x: (B, H, W, C) float32 residual stream."""
+        def _block(self, x, w: _BlockWeights, inplace: bool = False):
+            """x: (B, H, W, C) residual stream (float32, or the compute dtype when not residual_fp32)."""
             import torch.nn.functional as F
 
             b, height, width, c = x.shape
-            y = F.layer_norm(x, (c,), w.norm1[0], w.norm1[1], w.eps1).to(self.dtype)
+            y = F.layer_norm(x, (c,), w.norm1[0], w.norm1[1], w.eps1)
+            if y.dtype != self.dtype:
+                y = y.to(self.dtype)
             if w.window > 0:
                 ws = w.window
                 pad_h = (ws - height % ws) % ws
@@ -196,15 +202,22 @@ def _fast_base():
                 hp, wp = height + pad_h, width + pad_w
                 y = y.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, c)
                 y = self._attention(y, w)
-                y = y.view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
-                if pad_h or pad_w:
-                    y = y[:, :height, :width, :]
+                y = y.view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+                y = y.reshape(b, hp, wp, c)[:, :height, :width, :]
             else:
                 y = self._attention(y, w)
-            x = x + y
-            y = F.layer_norm(x, (c,), w.norm2[0], w.norm2[1], w.eps2).to(self.dtype)
+            x = x.add_(y) if inplace else x + y
+            y = F.layer_norm(x, (c,), w.norm2[0], w.norm2[1], w.eps2)
+            if y.dtype != self.dtype:
+                y = y.to(self.dtype)
             y = F.linear(F.gelu(F.linear(y, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
-            return x + y
+            return x.add_(y) if inplace else x + y
+
+        def _all_blocks(self, x):
+            """The blocks without interruption points and without in-place updates (for torch.compile)."""
+            for w in self.blocks:
+                x = self._block(x, w, inplace=False)
+            return x
 
         @staticmethod
         def _layer_norm_2d(x, weight, bias, eps):
@@ -221,13 +234,18 @@ def _fast_base():
             interrupt = interrupt or self.interrupt
             x = x.to(self.device, self.dtype)
             x = F.conv2d(x, self.patch_w, None, self.patch_stride, self.patch_padding)
-            x = x.permute(0, 2, 3, 1).float() + self.patch_b
+            x = x.permute(0, 2, 3, 1).to(self.residual_dtype) + self.patch_b
             if self.pos_embed is not None:
-                x = x + self.pos_embed
-            for w in self.blocks:
+                x.add_(self.pos_embed)
+            if self.compiled_blocks is not None:
                 if interrupt is not None and interrupt():
                     raise EncodeInterrupted()
-                x = self._block(x, w)
+                x = self.compiled_blocks(x)
+            else:
+                for w in self.blocks:  # x is a fresh tensor of ours: the blocks update it in place
+                    if interrupt is not None and interrupt():
+                        raise EncodeInterrupted()
+                    x = self._block(x, w, inplace=True)
             y = x.to(self.dtype).permute(0, 3, 1, 2)
             y = F.conv2d(y, self.neck1_w)
             y = self._layer_norm_2d(y, *self.neck_ln1)
@@ -247,17 +265,17 @@ def fast_encoder_class():
     return _CLASS
 
 
-def prepare_encoder(encoder, dtype, device=None, compile: bool = False):
+def prepare_encoder(encoder, dtype, device=None, compile: bool = False, residual_fp32: bool = True):
     """A fast encoder over a private copy of `encoder`'s weights in `dtype` (torch dtype or name).
 
     Returns a callable module `x -> (B, 256, 64, 64) float32`. `compile=True` wraps the forward in
     torch.compile (worth it on CUDA; the first call then takes tens of seconds to compile).
     """
-    fast = fast_encoder_class()(encoder, dtype, device)
+    fast = fast_encoder_class()(encoder, dtype, device, residual_fp32=residual_fp32)
     fast.eval()
     if compile:
         import torch
 
-        compiled = torch.compile(fast._forward_plain if hasattr(fast, "_forward_plain") else fast.forward, dynamic=False)
-        fast.compiled = compiled
+        fast.keep_workspace = False
+        fast.compiled_blocks = torch.compile(fast._all_blocks, dynamic=False)
     return fast
