@@ -541,3 +541,45 @@ def test_serve_reports_a_busy_port(server):
 
     with pytest.raises(InputError, match="cannot listen on 127.0.0.1"):
         serve(port=server.port, checkpoint="unused.pth")
+
+
+# ----------------------------------------------------------------------------------------------
+# the client as Slicer loads it
+
+
+def test_client_runs_without_torch_or_fastapi(server, tmp_path):
+    """In a fresh interpreter: open a session, prompt, propagate; torch and FastAPI never imported."""
+    code = (
+        "import sys, numpy as np\n"
+        "from medsam_slicer.server.client import RemoteEngine\n"
+        "s = RemoteEngine(sys.argv[1]).open_session(np.arange(3 * 32 * 32, dtype=np.int16).reshape(3, 32, 32), 'mr')\n"
+        "mask, score = s.segment_slice('k', 1, [4, 4, 20, 20])\n"
+        "r = s.propagate('k', 1, seed_box=[4, 4, 20, 20])\n"
+        "s.close()\n"
+        "print(mask.shape, sorted(r.masks) != [], 'torch' in sys.modules, 'fastapi' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, server.url], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["(32,", "32)", "True", "False", "False"]
+
+
+def test_remote_predictor_drives_local_propagation(remote, local):
+    from medsam_slicer.propagation import propagate_from_slice
+
+    a = propagate_from_slice(remote.predictor("k"), 5, seed_box=BOX, rules=StopRules(max_slices=1))
+    b = propagate_from_slice(local.predictor("k"), 5, seed_box=BOX, rules=StopRules(max_slices=1))
+    assert_same_result(a, b)
+    assert remote.predictor("k").n_slices == 10 and remote.predictor("j").slice_shape == (10, 128)
+
+
+def test_volume_types_and_shapes(server, tiny_engine):
+    engine = RemoteEngine(server.url)
+    with pytest.raises(InputError, match="3D grey volumes"):
+        engine.open_session(np.zeros((32, 32), np.int16), "mr")
+    vol64 = np.arange(2 * 32 * 32, dtype=np.int64).reshape(2, 32, 32)
+    with engine.open_session(vol64, (400, 500)) as session:
+        assert session.volume.dtype == np.int32
+        local = LocalSession(tiny_engine, vol64, choose_window(vol64, window=(400, 500)))
+        a, sa = session.segment_slice("k", 1, [4, 4, 20, 20])
+        b, sb = local.segment_slice("k", 1, [4, 4, 20, 20])
+        assert np.array_equal(a, b) and sa == sb

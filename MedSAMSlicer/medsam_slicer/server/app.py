@@ -894,6 +894,11 @@ def load_tokens(token: Optional[str] = None, token_file: Optional[str] = None) -
             raise InputError(f"cannot read the token file {token_file}: {exc.strerror or exc}") from None
         if not tokens:
             raise InputError(f"the token file {token_file} holds no token")
+        try:
+            if os.stat(token_file).st_mode & 0o077:
+                log.warning("the token file %s is readable by other users: chmod 600 it", token_file)
+        except OSError:
+            pass
     for t in tokens:
         if len(t) < MIN_TOKEN_LENGTH or re.search(r"\s", t):
             raise InputError(
@@ -947,6 +952,9 @@ def serve(
     """Loads the model once and serves until interrupted. `limits`: see DEFAULTS."""
     import uvicorn
 
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=getattr(logging, str(log_level).upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tokens = load_tokens(token, token_file)
     check_bind(host, tokens)
     _check_port_free(host, port)
