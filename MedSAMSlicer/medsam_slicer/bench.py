@@ -1,0 +1,219 @@
+"""Speed benchmark: the published reference pipeline against the engine's configurations.
+
+`run_benchmark()` times, per configuration, on slices of the CT sample with one box:
+encoder s/slice, decoder ms/box, first mask on a new slice, re-prompt on a cached slice, and
+propagation s/slice over `slices` consecutive slices (PrefetchingPredictor: the next slices encode
+in the background while the current one is decoded). Configurations:
+
+* ``reference-fp32``: segment-anything's encoder called as published (``sam.image_encoder(x)``),
+* ``engine-<precision>``: the engine's fast encoder (SDPA, private weights in that precision).
+
+With ``checkpoint=None`` the model is a random-weight ViT-B built with segment-anything's builder:
+speed does not depend on the weights' values. Ratios are only meaningful within one run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+BOX = (20, 30, 60, 95)  # right lung on CTChest4, slices 10..27
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_rss_mb() -> float:
+    scale = 1024.0 if sys.platform != "darwin" else 1024.0 * 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def time_command(command: Sequence[str], repeat: int = 1, env: Optional[dict] = None) -> float:
+    """Wall seconds of a whole subprocess run (best of `repeat`), e.g. a `medsam-slicer` command line."""
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        subprocess.run(list(command), check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _sample_volume():
+    import SimpleITK as sitk
+    import slicerio
+
+    path = os.path.join(os.path.dirname(slicerio.__file__), "data", "CTChest4.nrrd")
+    return sitk.GetArrayFromImage(sitk.ReadImage(path))
+
+
+def _load_model(checkpoint: Optional[str]):
+    if checkpoint:
+        from .model import load_sam
+
+        return load_sam(checkpoint)[0], os.path.basename(checkpoint)
+    import torch
+    from segment_anything.build_sam import _build_sam
+
+    torch.manual_seed(0)
+    sam = _build_sam(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                     encoder_global_attn_indexes=[2, 5, 8, 11], checkpoint=None)
+    return sam.eval(), "random ViT-B"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _bench_config(name, engine, volume, window, slices: int, start: int, repeats: int) -> Dict:
+    import torch
+
+    from .cache import EmbeddingCache
+    from .predictor import SlicePredictor
+    from .prefetch import PrefetchingPredictor
+
+    device = engine.device
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    grey = window.apply(volume[start])
+    engine.encode(grey)  # warm-up (allocations, kernels, compile)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        emb = engine.encode(grey)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    encoder_s = min(times)
+    boxes = np.array([BOX, (55, 70, 75, 100), (5, 10, 120, 118), (30, 40, 50, 60)], dtype=float)
+    engine.decode(emb, boxes[:1], grey.shape)
+    t = time.perf_counter()
+    for _ in range(3):
+        engine.decode(emb, boxes, grey.shape)
+    decoder_ms_box = (time.perf_counter() - t) / 3 / len(boxes) * 1000
+
+    cache = EmbeddingCache(8 * 1024 ** 3)
+    pred = SlicePredictor(engine, volume, window, "k", cache, key=f"bench-{name}")
+    t = time.perf_counter()
+    pred(start + 1, BOX)
+    first_mask_s = time.perf_counter() - t
+    reprompts = []
+    for n in range(5):
+        t = time.perf_counter()
+        pred(start + 1, (BOX[0] + n, BOX[1], BOX[2], BOX[3]))
+        reprompts.append(time.perf_counter() - t)
+    reprompt_ms = float(np.median(reprompts)) * 1000
+
+    lookahead = max(2, getattr(engine, "max_batch", 1))
+    fresh = SlicePredictor(engine, volume, window, "k", EmbeddingCache(8 * 1024 ** 3), key=f"bench-prop-{name}")
+    first = start + 2
+    indices = list(range(first, min(first + slices, volume.shape[0])))
+    with PrefetchingPredictor(fresh) as wrapped:
+        t = time.perf_counter()
+        for pos, k in enumerate(indices):
+            wrapped.prefetch(indices[pos + 1 : pos + 1 + lookahead])
+            wrapped(k, BOX)
+        _sync(device)
+        propagation_s = (time.perf_counter() - t) / len(indices)
+        wrapped.cancel()
+    result = {
+        "config": name,
+        "device": device,
+        "precision": engine.precision,
+        "encoder_s_per_slice": round(encoder_s, 3),
+        "decoder_ms_per_box": round(decoder_ms_box, 1),
+        "first_mask_s": round(first_mask_s, 3),
+        "reprompt_ms": round(reprompt_ms, 1),
+        "propagation_s_per_slice": round(propagation_s, 3),
+        "propagated_slices": len(indices),
+        "peak_rss_mb": round(peak_rss_mb(), 0),
+    }
+    if device.startswith("cuda"):
+        result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 0)
+    return result
+
+
+def run_benchmark(checkpoint: Optional[str] = None, device: str = "auto", precisions: Optional[Sequence[str]] = None,
+                  slices: int = 8, json_path: Optional[str] = None, reference: bool = True, repeats: int = 2,
+                  compile: bool = False, threads: Optional[int] = None) -> List[Dict]:
+    """Times the reference and the engine's configurations; returns one dict per configuration.
+
+    precisions: default fp32 plus the device's reduced precision (bf16 on CUDA and bf16-capable
+    CPUs, fp16 on MPS). Ratios against ``reference-fp32`` are added as ``*_speedup``.
+    """
+    import torch
+
+    from .engine import MedSAMEngine, resolve_precision
+    from .model import resolve_device
+    from .windowing import choose_window
+
+    torch.set_num_threads(int(threads or os.cpu_count() or 1))
+    device = resolve_device(device)
+    if not precisions:
+        auto = resolve_precision("auto", device)
+        precisions = ["fp32"] + ([auto] if auto != "fp32" else [])
+    sam, label = _load_model(checkpoint)
+    volume = _sample_volume()
+    window = choose_window(volume)
+    start = 10
+    configs = []
+    if reference:
+        configs.append(("reference-fp32", dict(precision="fp32", fast=False)))
+    for p in precisions:
+        configs.append((f"engine-{p}" + ("-compiled" if compile else ""), dict(precision=p, fast=True, compile=compile)))
+    results = []
+    for name, options in configs:
+        engine = MedSAMEngine(sam, device, model_id="bench", **options)
+        res = _bench_config(name, engine, volume, window, slices, start, repeats)
+        res.update(model=label, cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__)
+        if device.startswith("cuda"):
+            res["gpu"] = torch.cuda.get_device_name()
+        results.append(res)
+        del engine
+    ref = next((r for r in results if r["config"] == "reference-fp32"), None)
+    if ref is not None:
+        for r in results:
+            for key in ("encoder_s_per_slice", "first_mask_s", "propagation_s_per_slice"):
+                r[key.split("_")[0] + "_speedup"] = round(ref[key] / r[key], 2) if r[key] else None
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+COLUMNS = [
+    ("config", "config"), ("encoder_s_per_slice", "encoder s/slice"), ("decoder_ms_per_box", "decoder ms/box"),
+    ("first_mask_s", "first mask s"), ("reprompt_ms", "re-prompt ms"), ("propagation_s_per_slice", "propag. s/slice"),
+    ("encoder_speedup", "enc x"), ("first_speedup", "first x"), ("propagation_speedup", "propag. x"),
+    ("peak_rss_mb", "peak RSS MB"), ("cuda_max_allocated_mb", "CUDA MB"),
+]
+
+
+def format_table(results: List[Dict]) -> str:
+    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in results)]
+    rows = [[str(r.get(k, "")) for k, _ in cols] for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (_, h) in enumerate(cols)]
+    lines = [" | ".join(h.ljust(w) for (_, h), w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    if results:
+        r = results[0]
+        extra = f"; GPU {r['gpu']}" if "gpu" in r else ""
+        lines.append(f"model: {r['model']}; device {r['device']}; CPU {r['cpu']}, {r['threads']} threads; torch {r['torch']}{extra}")
+    return "\n".join(lines)
