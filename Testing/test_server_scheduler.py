@@ -149,3 +149,24 @@ def test_scheduled_predictor_is_a_drop_in_slice_predictor(parts, tiny_engine, vo
     assert pred.n_slices == plain.n_slices and pred.slice_shape == plain.slice_shape
     with pytest.raises(Exception, match="outside the volume"):
         pred(99, BOX)
+
+
+def test_a_waiting_prompt_preempts_a_background_encode(parts):
+    scheduler, make, _, _ = parts
+    if not scheduler._interruptible:
+        pytest.skip("this engine's encoder cannot be interrupted")
+    gate, entered = threading.Event(), threading.Event()
+    job = make("job", cls=GatedPredictor, key="gated-job", gate=gate, entered=entered)
+    user = make("user", interactive=True)
+    order = []
+    background = scheduler.decode(job, 2, [BOX], "job", False)
+    background.add_done_callback(lambda f: order.append("job"))
+    assert entered.wait(WAIT_S)  # the worker is preparing the background slice
+    prompt = scheduler.decode(user, 6, [BOX], "user", True)
+    prompt.add_done_callback(lambda f: order.append("prompt"))
+    gate.set()  # the encoder starts, sees the waiting prompt, stops and requeues
+    prompt.result(WAIT_S)
+    probs, _ = background.result(WAIT_S)
+    assert order == ["prompt", "job"]
+    assert scheduler.stats["preempted"] == 1
+    assert job.encoded == 1 and probs.shape == (1, 128, 128)

@@ -8,6 +8,11 @@ Order: interactive tasks (a user's single-slice prompt) first, FIFO; then bulk t
 submit one slice at a time, so a 300-slice propagation delays another user's prompt by at most the
 work of one step.
 
+Pre-emption: a bulk encode checks between transformer blocks whether a prompt is waiting; if so
+it stops, goes back to the front of its queue, and the prompt runs first (with an engine whose
+encoder supports `interrupt`, see fast_encoder). A prompt then waits for about one transformer
+block of background work, not a whole slice.
+
 Batching: when the task picked needs the encoder, the worker encodes in the same
 `engine.encode_batch` call the other waiting slices of the same class: every waiting interactive
 slice (several users prompting at once), or the head slice of each other session's bulk queue
@@ -15,6 +20,7 @@ slice (several users prompting at once), or the head slice of each other session
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -35,6 +41,10 @@ RESULT_TIMEOUT_S = 3600.0
 
 class SessionGone(MedSAMError):
     """The session was closed while work for it was queued."""
+
+
+class _Interrupted(Exception):
+    pass
 
 
 class _Task:
@@ -66,7 +76,12 @@ class Scheduler:
         self._interactive: Deque[_Task] = deque()
         self._bulk: "OrderedDict[str, Deque[_Task]]" = OrderedDict()
         self._stopped = False
-        self.stats = {"tasks": 0, "encoder_calls": 0, "encoded_slices": 0, "largest_batch": 0, "decodes": 0}
+        self.stats = {"tasks": 0, "encoder_calls": 0, "encoded_slices": 0, "largest_batch": 0, "decodes": 0,
+                      "preempted": 0}
+        try:
+            self._interruptible = "interrupt" in inspect.signature(engine.encode_batch).parameters
+        except (TypeError, ValueError):
+            self._interruptible = False
         self._thread = threading.Thread(target=self._run, name="medsam-gpu-worker", daemon=True)
         self._thread.start()
 
@@ -155,7 +170,11 @@ class Scheduler:
         embedding = None
         if task.needs_encoder():
             batch = [task] + [p for p in peers if not p.abandoned() and p.needs_encoder()]
-            embedding = self._encode(batch[: self.max_batch])
+            try:
+                embedding = self._encode(batch[: self.max_batch], preemptible=not task.interactive)
+            except _Interrupted:
+                self._requeue_front(task)
+                return
         if task.kind == "encode":
             task.future.set_result(None)
             return
@@ -168,7 +187,20 @@ class Scheduler:
         self.stats["decodes"] += 1
         task.future.set_result((probs, scores))
 
-    def _encode(self, tasks: Sequence[_Task]):
+    def _prompt_waiting(self) -> bool:
+        return bool(self._interactive)
+
+    def _requeue_front(self, task: _Task) -> None:
+        """A pre-empted bulk task gets the next bulk turn, ahead of its own queue."""
+        with self._cond:
+            if self._stopped:
+                task.future.set_exception(MedSAMError("the server is shutting down"))
+                return
+            self._bulk.setdefault(task.group, deque()).appendleft(task)
+            self._bulk.move_to_end(task.group, last=False)
+        self.stats["preempted"] += 1
+
+    def _encode(self, tasks: Sequence[_Task], preemptible: bool = False):
         """Encodes the distinct slices of `tasks` in one call; returns the first task's embedding."""
         todo: "OrderedDict[tuple, _Task]" = OrderedDict()
         for t in tasks:
@@ -182,7 +214,15 @@ class Scheduler:
                 if t is tasks[0]:
                     raise
                 t.future.set_exception(exc)
-        embs = self.engine.encode_batch(images)
+        if preemptible and self._interruptible:
+            try:
+                embs = self.engine.encode_batch(images, interrupt=self._prompt_waiting)
+            except Exception as exc:
+                if type(exc).__name__ == "EncodeInterrupted":
+                    raise _Interrupted() from None
+                raise
+        else:
+            embs = self.engine.encode_batch(images)
         self.stats["encoder_calls"] += 1
         self.stats["encoded_slices"] += len(images)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
