@@ -94,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     tok = serve.add_mutually_exclusive_group()
     tok.add_argument("--token", help="bearer token clients must send (required off loopback)")
-    tok.add_argument("--token-file", metavar="FILE")
+    tok.add_argument("--token-file", metavar="FILE", help="one token per line (one per user)")
+    serve.add_argument("--max-sessions", type=int, default=16, help="open sessions at most (default 16)")
+    serve.add_argument("--idle-timeout", type=float, default=1800, help="seconds before an idle session closes")
+    serve.add_argument("--cache-mb", type=int, help="embedding cache budget shared by all sessions")
+    serve.add_argument("--max-request-mb", type=int, default=1024, help="larger requests get 413")
     return parser
 
 
@@ -120,7 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .server.app import serve
 
             serve(host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device,
-                  precision=args.precision, token=args.token, token_file=args.token_file)
+                  precision=args.precision, token=args.token, token_file=args.token_file,
+                  max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,
+                  max_request_mb=args.max_request_mb)
             return 0
     except MedSAMError as exc:
         print(f"medsam-slicer: error: {exc}", file=sys.stderr)
