@@ -583,3 +583,21 @@ def test_volume_types_and_shapes(server, tiny_engine):
         a, sa = session.segment_slice("k", 1, [4, 4, 20, 20])
         b, sb = local.segment_slice("k", 1, [4, 4, 20, 20])
         assert np.array_equal(a, b) and sa == sb
+
+
+def test_command_line_gives_identical_results_locally_and_remotely(server, tiny_checkpoint, ct_path, tmp_path, capsys):
+    from medsam_slicer.cli import main
+    from medsam_slicer.volume_io import read_segmentation_masks
+
+    common = ["segment", ct_path, "--precision", "fp32", "--quiet", "--box", "56", "38", "20", "104", "96", "20",
+              "--propagate", "--max-slices", "2", "--box", "20", "30", "10", "60", "95", "11"]
+    local_out, remote_out = tmp_path / "local.seg.nrrd", tmp_path / "remote.seg.nrrd"
+    assert main(common + ["-o", str(local_out), "--checkpoint", tiny_checkpoint]) == 0
+    assert main(common + ["-o", str(remote_out), "--server", server.url]) == 0
+    reports = capsys.readouterr().out.splitlines()
+    assert len(reports) == 4 and reports[:2] == reports[2:]  # same slices and stop reasons printed
+    local_masks, remote_masks = read_segmentation_masks(str(local_out)), read_segmentation_masks(str(remote_out))
+    assert list(local_masks) == list(remote_masks)
+    for name in local_masks:
+        assert local_masks[name].any()
+        np.testing.assert_array_equal(local_masks[name], remote_masks[name])
