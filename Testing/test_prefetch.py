@@ -146,3 +146,36 @@ def test_propagation_through_prefetching_predictor_matches_plain(tiny_engine, ct
     for k in expected.masks:
         np.testing.assert_array_equal(got.masks[k], expected.masks[k])
     assert fresh.encoded == plain.encoded  # the same slices, each encoded once
+
+
+def test_background_session_focus_embeds_neighbours_once(tiny_engine, ct_array):
+    """LocalSession(background=True): focus() embeds the viewed slice's neighbours, and prompting one
+    of them afterwards costs only the decoder; results equal a plain session's."""
+    from medsam_slicer.session import LocalSession
+    from medsam_slicer.windowing import choose_window
+
+    window = choose_window(ct_array)
+    session = LocalSession(tiny_engine, ct_array, window, background=True)
+    try:
+        session.focus("k", 17, radius=1)
+        pred = session.predictor("k")
+        assert pred.prefetcher.wait_idle(120)
+        assert pred.encoded == 3 and all(pred.is_cached(i) for i in (16, 17, 18))
+        mask, _ = session.segment_slice("k", 18, (20, 30, 60, 95))
+        assert pred.encoded == 3  # decoder only
+        plain, _ = LocalSession(tiny_engine, ct_array, window).segment_slice("k", 18, (20, 30, 60, 95))
+        assert (mask == plain).all()
+    finally:
+        session.close()
+
+
+def test_cpu_prefetch_hint_encodes_nothing_ahead(tiny_engine, ct_array):
+    """On a CPU (max_batch 1) SlicePredictor.prefetch is only a hint: growth that stops early never
+    pays for slices past the structure's end."""
+    from medsam_slicer.predictor import SlicePredictor
+    from medsam_slicer.windowing import choose_window
+
+    assert tiny_engine.max_batch == 1
+    pred = SlicePredictor(tiny_engine, ct_array, choose_window(ct_array), "k")
+    pred.prefetch([3, 4, 5, 6])
+    assert pred.encoded == 0

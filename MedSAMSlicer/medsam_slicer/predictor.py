@@ -76,8 +76,13 @@ class SlicePredictor:
         return emb
 
     def prefetch(self, indices: Sequence[int]) -> None:
-        """Encodes the uncached slices among `indices` in one batch (GPU-friendly)."""
-        todo = [i for i in dict.fromkeys(indices) if 0 <= i < self.n_slices and not self.is_cached(i)]
+        """Batch-encodes the uncached slices among `indices` where batching pays (GPU: up to
+        engine.max_batch per call). On a CPU (max_batch 1) it does nothing: slices are encoded
+        when asked for, so growth that stops never pays for slices beyond the structure's end."""
+        batch = getattr(self.engine, "max_batch", 1)
+        if batch <= 1:
+            return
+        todo = [i for i in dict.fromkeys(indices) if 0 <= i < self.n_slices and not self.is_cached(i)][:batch]
         if not todo:
             return
         embs = self.engine.encode_batch([self.image(i) for i in todo])

@@ -200,6 +200,10 @@ class PrefetchingPredictor:
     def engine(self):
         return self.predictor.engine
 
+    @property
+    def window(self):
+        return self.predictor.window
+
     def image(self, index: int) -> np.ndarray:
         return self.predictor.image(index)
 

@@ -15,21 +15,40 @@ from .windowing import IntensityWindow
 
 
 class LocalSession:
-    def __init__(self, engine, volume: np.ndarray, window: IntensityWindow, cache: Optional[EmbeddingCache] = None):
+    """background: embed slices ahead on a background thread (`prefetch.PrefetchingPredictor`):
+    propagation's next slices, and the neighbours of the slice passed to `focus`. Interactive
+    front ends (the Slicer effect) want it; a batch command line does not."""
+
+    def __init__(self, engine, volume: np.ndarray, window: IntensityWindow, cache: Optional[EmbeddingCache] = None,
+                 background: bool = False):
         self.engine = engine
+        self.background = background
         self.volume = volume
         self.window = window
         self.cache = cache if cache is not None else EmbeddingCache(default_budget_bytes(engine.device))
         self.key = volume_key(volume)
         self._predictors: Dict[str, SlicePredictor] = {}
 
-    def predictor(self, axis: str) -> SlicePredictor:
-        """One predictor per axis; all share the session's embedding cache."""
+    def predictor(self, axis: str):
+        """One predictor per axis (a SlicePredictor, wrapped for background encoding when asked);
+        all share the session's embedding cache."""
         pred = self._predictors.get(axis)
         if pred is None or pred.window != self.window:
+            if pred is not None and hasattr(pred, "close"):
+                pred.close()
             pred = SlicePredictor(self.engine, self.volume, self.window, axis, self.cache, self.key)
+            if self.background:
+                from .prefetch import PrefetchingPredictor
+
+                pred = PrefetchingPredictor(pred)
             self._predictors[axis] = pred
         return pred
+
+    def focus(self, axis: str, index: int, radius: int = 2) -> None:
+        """The user is looking at this slice: embed its neighbours in the background."""
+        pred = self.predictor(axis)
+        if hasattr(pred, "focus"):
+            pred.focus(index, radius)
 
     def set_window(self, window: IntensityWindow) -> None:
         self.window = window  # embeddings of the old window stay cached under their own key
@@ -59,4 +78,7 @@ class LocalSession:
         return repropagate(self.predictor(axis), masks, corrected_index, corrected_mask, seed_index, **options)
 
     def close(self) -> None:
+        for pred in self._predictors.values():
+            if hasattr(pred, "close"):
+                pred.close()
         self._predictors.clear()
