@@ -601,3 +601,20 @@ def test_command_line_gives_identical_results_locally_and_remotely(server, tiny_
     for name in local_masks:
         assert local_masks[name].any()
         np.testing.assert_array_equal(local_masks[name], remote_masks[name])
+
+
+def test_focus_embeds_neighbours_on_the_server(server, volume, window):
+    def cached() -> int:
+        return requests.get(f"{server.url}/v1/info", timeout=5).json()["cache"]["entries"]
+
+    fresh = volume + 1  # content no other test uploaded, so none of its slices is cached yet
+    session = RemoteEngine(server.url).open_session(fresh, window)
+    try:
+        before = cached()
+        session.focus("k", 4, radius=1)
+        deadline = time.monotonic() + 60
+        while cached() < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert cached() >= before + 3
+    finally:
+        session.close()

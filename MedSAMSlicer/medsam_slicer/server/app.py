@@ -431,7 +431,7 @@ class ServerState:
             "max_sessions": self.limits["max_sessions"],
             "idle_timeout_s": self.limits["idle_timeout_s"],
             "max_request_bytes": int(self.limits["max_request_mb"] * 2**20),
-            "cache": {"used_bytes": self.cache.used_bytes, "budget_bytes": self.cache.budget_bytes},
+            "cache": {"entries": len(self.cache), "used_bytes": self.cache.used_bytes, "budget_bytes": self.cache.budget_bytes},
             "queue": self.scheduler.queued(),
             "worker": dict(self.scheduler.stats),
             "uptime_s": round(time.time() - self.started, 1),

@@ -331,6 +331,12 @@ class RemoteSession:
         self.window = _window_from_reply(reply)
         self._window_request = _window_spec(self.window)
 
+    def focus(self, axis: str, index: int, radius: int = 2) -> None:
+        """The user is looking at this slice: the server embeds it and its neighbours in the background."""
+        near = [int(index)] + [int(index) + s * d for d in range(1, int(radius) + 1) for s in (1, -1)]
+        n = slice_count(self.volume.shape, axis)
+        self.predictor(axis).prefetch([i for i in near if 0 <= i < n])
+
     def segment_slice(self, axis: str, index: int, box):
         """(bool mask (H, W), quality score) for one 2D box [x0, y0, x1, y1] on one slice."""
         body = {"axis": check_axis(axis), "index": _jsonable(index), "box": _jsonable(list(box))}
