@@ -124,6 +124,8 @@ class _SessionHolder:
 def _job_slice(job, holder, provider, key, volume, window_spec, axis, index, box):
     session, window = holder.get(provider, key, volume, window_spec)
     mask, score = session.segment_slice(axis, index, box)
+    # The next prompt is usually a neighbour (a redraw, propagation): embed them in the background.
+    session.focus(axis, index)
     return {"masks": {index: mask}, "score": score, "window": window}
 
 

@@ -151,7 +151,7 @@ class EngineProvider:
             return engine.open_session(volume, window)
         from medsam_slicer.session import LocalSession
 
-        return LocalSession(engine, volume, window)
+        return LocalSession(engine, volume, window, background=True)  # neighbours embed while the user looks
 
     def describe_engine(self) -> str:
         engine = self._engine

@@ -19,11 +19,23 @@ plus `focus(index)` for speculative neighbours. One background thread does the e
 """
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections import deque
 from typing import Deque, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+
+# A background thread still inside torch when the interpreter (or Slicer) exits aborts the
+# process, so every prefetcher left open is stopped and joined at exit.
+_LIVE: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for prefetcher in list(_LIVE):
+        prefetcher.close()
 
 
 class Prefetcher:
@@ -43,6 +55,7 @@ class Prefetcher:
         self.encoded = 0  # slices this thread encoded to completion
         self.interrupted = 0  # batches abandoned for a foreground call or cancel()
         self.errors: List[BaseException] = []
+        _LIVE.add(self)
         self._thread = threading.Thread(target=self._loop, name="medsam-prefetch", daemon=True)
         self._thread.start()
 
