@@ -26,6 +26,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto (CUDA, MPS, CPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: auto (bf16 on CUDA and bf16-capable CPUs, fp16 on MPS, else fp32)")
+    p.add_argument("--disk-cache", metavar="DIR", help="keep image embeddings in DIR across runs (or set MEDSAM_SLICER_DISK_CACHE)")
     p.add_argument("--server", metavar="URL", help="run on a remote medsam-slicer server instead of locally")
     p.add_argument("--token", help="bearer token for --server")
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .cache import EmbeddingCache, default_budget_bytes
+from .cache import EmbeddingCache, default_cache
 from .errors import InputError
 from .slicing import check_axis, get_slice, slice_count
 from .windowing import IntensityWindow
@@ -41,7 +41,7 @@ class SlicePredictor:
         self.axis = check_axis(axis)
         if volume.ndim == 4 and self.axis != "k":
             raise InputError("colour images can only be cut along k")
-        self.cache = cache if cache is not None else EmbeddingCache(default_budget_bytes(engine.device))
+        self.cache = cache if cache is not None else default_cache(engine.device)
         self.key = key or volume_key(volume)
         self.encoded = 0  # encoder calls made by this predictor, for tests and reports
         self.keep_probabilities = False  # when set, __call__ keeps each slice's probabilities in .kept

@@ -78,13 +78,14 @@ def open_session(args, array: np.ndarray, window):
         from .server.client import RemoteEngine
 
         return RemoteEngine(args.server, token=args.token).open_session(array, window)
+    from .cache import default_cache
     from .engine import MedSAMEngine
     from .session import LocalSession
     from .weights import ensure_weights
 
     checkpoint = ensure_weights(args.checkpoint, progress=not getattr(args, "quiet", False))
     engine = MedSAMEngine.from_checkpoint(checkpoint, device=args.device, precision=args.precision)
-    return LocalSession(engine, array, window)
+    return LocalSession(engine, array, window, cache=default_cache(engine.device, getattr(args, "disk_cache", None)))
 
 
 class ProgressBar:

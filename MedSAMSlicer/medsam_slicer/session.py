@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .cache import EmbeddingCache, default_budget_bytes
+from .cache import EmbeddingCache, default_cache
 from .predictor import SlicePredictor, volume_key
 from .windowing import IntensityWindow
 
@@ -25,7 +25,7 @@ class LocalSession:
         self.background = background
         self.volume = volume
         self.window = window
-        self.cache = cache if cache is not None else EmbeddingCache(default_budget_bytes(engine.device))
+        self.cache = cache if cache is not None else default_cache(engine.device)
         self.key = volume_key(volume)
         self._predictors: Dict[str, SlicePredictor] = {}
 
