@@ -293,3 +293,18 @@ def test_source_image_array_matches_volume_layout(editor):
     assert arr.shape == SIZE_IJK[::-1]
     k, j, i = 3, 7, 11
     assert arr[k, j, i] == i * 10 + j * 3 + k
+
+
+@pytest.mark.parametrize("axis", ["i", "j", "k"])
+def test_segment_slices_reads_back_what_was_written(editor, axis):
+    """What the effect reads for propagation seeds (listed slices) and re-propagation (non-empty slices)."""
+    masks = {2: _rect(axis, 1, 3, 1, 3), 5: _rect(axis, 4, 6, 2, 5)}
+    editor.write(masks, axis)
+    seg_id = editor.node.GetSelectedSegmentID()
+    present = writing.segment_slices(editor.seg, seg_id, editor.source, axis)
+    assert sorted(present) == [2, 5]
+    for index, mask in masks.items():
+        assert np.array_equal(present[index], mask)
+    listed = writing.segment_slices(editor.seg, seg_id, editor.source, axis, [3, 5])
+    assert sorted(listed) == [3, 5]
+    assert not listed[3].any() and np.array_equal(listed[5], masks[5])

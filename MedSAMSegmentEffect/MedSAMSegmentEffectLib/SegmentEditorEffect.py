@@ -1,8 +1,8 @@
 """The "MedSAM" Segment Editor effect: box prompts on slices, propagation in 3D.
 
 Thin Qt glue. Geometry, writing, intensity, the engine factory and the inference worker live in
-MedSAMSlicerLib (plain functions tested with slicer-core); the engine (torch) only runs on the
-persistent worker thread and is imported there, never when Slicer loads this file.
+MedSAMSlicerLib (plain functions tested with slicer-core; numpy only at import); the engine (torch)
+only runs on the persistent worker thread and is imported there, never when Slicer loads this file.
 """
 from __future__ import annotations
 
@@ -40,11 +40,8 @@ def _ensure_lib_path():
             sys.path.insert(0, candidate)
 
 
-def _lib():
-    _ensure_lib_path()
-    from MedSAMSlicerLib import engines, geometry, intensity, worker, writing
-
-    return engines, geometry, intensity, worker, writing
+_ensure_lib_path()
+from MedSAMSlicerLib import engines, geometry, intensity, worker, writing  # noqa: E402
 
 
 class _Outline:
@@ -106,7 +103,6 @@ class _SessionHolder:
         self.session = None
 
     def get(self, provider, key, volume, window_spec):
-        engines, geometry, intensity, worker, writing = _lib()
         choice, display_wl, custom = window_spec
         window = intensity.window_for(choice, volume, display_wl=display_wl, custom=custom)
         if self.session is None or self.key != key or volume is not None:
@@ -222,7 +218,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
     # ------------------------------------------------------------------ options
 
     def setupOptionsFrame(self):
-        engines, geometry, intensity, worker, writing = _lib()
         self.windowCombo = qt.QComboBox()
         for value, label in intensity.CHOICES:
             self.windowCombo.addItem(label, value)
@@ -360,7 +355,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         self.updateWindowLabel()
 
     def updateWindowLabel(self):
-        engines, geometry, intensity, worker, writing = _lib()
         choice = self.scriptedEffect.parameter("Window") or "display"
         if choice == "display":
             wl = intensity.display_width_level(self.sourceVolumeNode())
@@ -374,9 +368,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         self.sessionKey = None
         self.keyBoxes = {}
         self.updateWindowLabel()
-
-    def masterVolumeNodeChanged(self):  # Slicer < 5.2 name
-        self.sourceVolumeNodeChanged()
 
     # ------------------------------------------------------------------ activation
 
@@ -403,21 +394,17 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
 
     def sourceVolumeNode(self):
         node = self.scriptedEffect.parameterSetNode()
-        if node is None:
-            return None
-        getter = getattr(node, "GetSourceVolumeNode", None) or getattr(node, "GetMasterVolumeNode")
-        return getter()
+        return node.GetSourceVolumeNode() if node is not None else None
 
     def sourceImage(self):
-        getter = getattr(self.scriptedEffect, "sourceVolumeImageData", None) or self.scriptedEffect.masterVolumeImageData
-        return getter()
+        """The source volume resampled to the segmentation's geometry: what MedSAM sees and writes onto."""
+        return self.scriptedEffect.sourceVolumeImageData()
 
     def segmentationNode(self):
         node = self.scriptedEffect.parameterSetNode()
         return node.GetSegmentationNode() if node is not None else None
 
     def grid(self, image):
-        engines, geometry, intensity, worker, writing = _lib()
         return geometry.grid_of(image, geometry.image_to_world(image, self.segmentationNode()))
 
     def status(self, text, error=False):
@@ -427,7 +414,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             logging.warning("MedSAM: %s", text)
 
     def windowSpec(self):
-        engines, geometry, intensity, worker, writing = _lib()
         choice = self.scriptedEffect.parameter("Window") or "display"
         display_wl = intensity.display_width_level(self.sourceVolumeNode()) if choice == "display" else None
         custom = (self.scriptedEffect.doubleParameter("WindowWidth"), self.scriptedEffect.doubleParameter("WindowLevel"))
@@ -440,7 +426,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
 
     def readyToRun(self):
         """The module's dependency/weights check; False (with a message) when something is missing."""
-        engines, geometry, intensity, worker, writing = _lib()
         provider = self.provider()
         missing = engines.missing_modules(provider.settings.mode)
         if missing:
@@ -459,28 +444,30 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             return MedSAMSlicer.MedSAMSlicerLogic.sharedProvider()
         except Exception:  # module not loaded (e.g. effect used from a custom app): defaults
             logging.debug("MedSAMSlicer module unavailable, default engine settings", exc_info=True)
-            engines, geometry, intensity, worker, writing = _lib()
             return engines.shared_provider()
 
     def submit(self, fn, action, *args):
-        """Runs fn(job, holder, provider, key, volume, windowSpec, *args) on the worker; action: context."""
-        engines, geometry, intensity, worker, writing = _lib()
+        """Runs fn(job, holder, provider, sessionKey, volume, windowSpec, *args) on the worker; action: context."""
         image = self.sourceImage()
         key = self.imageKey(image)
+        provider = self.provider()
+        # A new session (with the image sent again) when the image or the engine settings changed: the old
+        # session still holds the engine that was loaded for the old settings.
+        sessionKey = (key, provider.settings.key())
         volume = None
-        if key != self.sessionKey or self.holder.session is None:
+        if sessionKey != self.sessionKey or self.holder.session is None:
             volume = writing.image_to_array(image)  # a copy: the worker never sees VTK memory
         action.update({"key": key, "image": image, "undoSaved": False, "written": {}})
         self.action = action
-        self.job = worker.shared_worker().submit(fn, self.holder, self.provider(), key, volume, self.windowSpec(), *args,
+        self.job = worker.shared_worker().submit(fn, self.holder, provider, sessionKey, volume, self.windowSpec(), *args,
                                                  tag=action.get("kind"))
-        self.sessionKey = key
+        self.sessionKey = sessionKey
         self.timer.start()
         busy = action.get("kind") != "slice"
         self.progressBar.visible = busy
         self.cancelButton.visible = busy
         self.progressBar.setValue(0)
-        loading = "" if self.provider().loaded else " (loading the model first: this can take a while)"
+        loading = "" if provider.loaded else " (loading the model first: this can take a while)"
         self.status("MedSAM: {}...{}".format(action.get("label", "working"), loading))
 
     # ------------------------------------------------------------------ interaction
@@ -553,7 +540,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         return True
 
     def onBox(self, drag):
-        engines, geometry, intensity, worker, writing = _lib()
         viewWidget = drag["view"]
         if abs(drag["xy1"][0] - drag["xy0"][0]) < 2 or abs(drag["xy1"][1] - drag["xy0"][1]) < 2:
             self.status("Drag a box around the structure (the box was too small).")
@@ -580,7 +566,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
                     axis, index, box)
 
     def showBox(self, viewWidget, axis, index, box, image):
-        engines, geometry, intensity, worker, writing = _lib()
         sliceNode = viewWidget.sliceLogic().GetSliceNode()
         outline = self.outlines.get(viewWidget)
         if outline is None:
@@ -589,7 +574,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         self.scriptedEffect.forceRender(viewWidget)
 
     def showPreview(self, viewWidget, axis, index, mask, image):
-        engines, geometry, intensity, worker, writing = _lib()
         sliceNode = viewWidget.sliceLogic().GetSliceNode()
         segments = geometry.mask_outline_segments(mask)
         grid = self.grid(image)
@@ -617,32 +601,33 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
     # ------------------------------------------------------------------ 3D actions
 
     def currentSlice(self):
-        """(view, axis, index) of the last used slice view (else Red)."""
-        engines, geometry, intensity, worker, writing = _lib()
+        """(view, axis, index) of the last used slice view (else Red), or None after telling the user why
+        there is none (no source volume, oblique view, plane outside the volume)."""
         view = self.lastView
         if view is None:
             view = slicer.app.layoutManager().sliceWidget("Red")
         image = self.sourceImage()
         if image is None:
-            raise ValueError("select a source volume first")
-        axis, index = geometry.view_axis_and_slice(view.sliceLogic().GetSliceNode(), self.grid(image))
+            self.status("Select a source volume first.", error=True)
+            return None
+        try:
+            axis, index = geometry.view_axis_and_slice(view.sliceLogic().GetSliceNode(), self.grid(image))
+        except ValueError as exc:
+            self.status(str(exc), error=True)
+            return None
         return view, axis, index
 
-    def segmentSlices(self, axis, indices):
-        engines, geometry, intensity, worker, writing = _lib()
+    def segmentSlices(self, axis, indices=None):
+        """{index: bool mask} of the selected segment (indices None: its non-empty slices)."""
         node = self.scriptedEffect.parameterSetNode()
         return writing.segment_slices(self.segmentationNode(), node.GetSelectedSegmentID(), self.sourceImage(), axis,
                                       indices)
 
     def propagate(self, direction):
-        engines, geometry, intensity, worker, writing = _lib()
-        try:
-            view, axis, index = self.currentSlice()
-        except ValueError as exc:
-            self.status(str(exc), error=True)
+        current = self.currentSlice()
+        if current is None or not self.readyToRun():
             return
-        if not self.readyToRun():
-            return
+        view, axis, index = current
         seedMask = self.segmentSlices(axis, [index])[index]
         seedBox = None
         if not seedMask.any():
@@ -661,21 +646,13 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
                     self.ruleOverrides)
 
     def repropagate(self):
-        engines, geometry, intensity, worker, writing = _lib()
-        try:
-            view, axis, index = self.currentSlice()
-        except ValueError as exc:
-            self.status(str(exc), error=True)
+        current = self.currentSlice()
+        if current is None or not self.readyToRun():
             return
-        if not self.readyToRun():
-            return
-        dim = {"k": 0, "j": 1, "i": 2}[axis]
-        volume = writing.segment_array(self.segmentationNode(),
-                                       self.scriptedEffect.parameterSetNode().GetSelectedSegmentID(), self.sourceImage())
-        present = [n for n in range(volume.shape[dim]) if volume.take(n, axis=dim).any()]
-        masks = {n: volume.take(n, axis=dim).copy() for n in present}
-        corrected = volume.take(index, axis=dim).copy()
-        if not corrected.any():
+        view, axis, index = current
+        masks = self.segmentSlices(axis)
+        corrected = masks.get(index)
+        if corrected is None:
             self.status(f"Correct slice {index} first (it is empty).", error=True)
             return
         seed = self.lastSeed[1] if self.lastSeed and self.lastSeed[0] == axis else index
@@ -684,11 +661,10 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
                     self.ruleOverrides)
 
     def interpolateKeySlices(self):
-        try:
-            view, axis, index = self.currentSlice()
-        except ValueError as exc:
-            self.status(str(exc), error=True)
+        current = self.currentSlice()
+        if current is None:
             return
+        view, axis, index = current
         keys = dict(self.keyBoxes.get(axis, {}))
         if len(keys) < 2:
             self.status("Turn on Key slices and draw boxes on at least two slices of this view first.", error=True)
@@ -703,16 +679,17 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         self.status("Key slices cleared.")
 
     def segmentInRoi(self):
-        engines, geometry, intensity, worker, writing = _lib()
         roi = self.roiSelector.currentNode()
         if roi is None:
             self.status("Select a markups ROI first.", error=True)
             return
+        current = self.currentSlice()
+        if current is None:
+            return
+        view, axis, index = current
         try:
-            view, axis, index = self.currentSlice()
-            image = self.sourceImage()
-            lo, hi = geometry.ras_box_to_ijk_box3d(self.grid(image), *geometry.roi_ras_bounds(roi))
-        except (ValueError, geometry.ObliqueViewError, geometry.OutsideVolumeError) as exc:
+            lo, hi = geometry.ras_box_to_ijk_box3d(self.grid(self.sourceImage()), *geometry.roi_ras_bounds(roi))
+        except ValueError as exc:  # the ROI is off the volume, or the segmentation's transform is non-linear
             self.status(str(exc), error=True)
             return
         if not self.readyToRun():
@@ -731,7 +708,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
     # ------------------------------------------------------------------ results (main thread)
 
     def writeMasks(self, masks, axis, image):
-        engines, geometry, intensity, worker, writing = _lib()
         writing.write_slices(writing.effect_modifier(self.scriptedEffect), image, masks, axis)
 
     def writeForAction(self, masks):
@@ -747,7 +723,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         action["written"].update(masks)  # index -> mask as written
 
     def pollWorker(self):
-        engines, geometry, intensity, worker, writing = _lib()
         if self.job is None:
             if not self.active:
                 self.timer.stop()
@@ -785,7 +760,6 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
                 self.status(str(exc), error=True)
 
     def finishAction(self, result):
-        engines, geometry, intensity, worker, writing = _lib()
         action = self.action
         masks = result["masks"]
         kind = action["kind"]

@@ -11,12 +11,11 @@ first keeps the new mask where the old slice content was. Nothing here touches t
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 
-_ARRAY_DIM = {"k": 0, "j": 1, "i": 2}
-_IJK = {"i": 0, "j": 1, "k": 2}
+from .geometry import AXES
 
 # vtkSlicerSegmentEditorLogic / qSlicerSegmentEditorAbstractEffect ModificationMode values
 MODE_SET, MODE_ADD, MODE_REMOVE, MODE_REMOVE_ALL = 0, 1, 2, 3
@@ -26,8 +25,7 @@ def image_to_array(image) -> np.ndarray:
     """A copy of a vtkImageData's first scalar component as a [k, j, i] numpy array."""
     from vtk.util import numpy_support
 
-    extent = image.GetExtent()
-    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    dims = shape_kji(image)
     scalars = image.GetPointData().GetScalars()
     values = numpy_support.vtk_to_numpy(scalars)
     ncomp = scalars.GetNumberOfComponents()
@@ -35,10 +33,16 @@ def image_to_array(image) -> np.ndarray:
     return np.array(values, copy=True)
 
 
+def shape_kji(image) -> Tuple[int, int, int]:
+    """Array shape [k, j, i] of a vtkImageData's extent."""
+    e = image.GetExtent()
+    return (e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+
+
 def slab_extent(reference_image, axis: str, first: int, last: int) -> Tuple[int, int, int, int, int, int]:
     """The reference image's extent restricted to array slices first..last along axis."""
     extent = list(reference_image.GetExtent())
-    n = _IJK[axis]
+    n = AXES.index(axis)
     start = extent[2 * n]
     extent[2 * n], extent[2 * n + 1] = start + int(first), start + int(last)
     return tuple(extent)
@@ -69,22 +73,20 @@ def slice_modifiers(reference_image, masks: Dict[int, np.ndarray], axis: str):
     """(extent, remove labelmap, add labelmap) for replacing slices `masks` ({index: bool (H, W)}).
 
     add is the masks; remove is the rest of those slices (never the slab's other slices)."""
+    from medsam_slicer import slicing
+
     if not masks:
         raise ValueError("no slices to write")
-    extent_full = reference_image.GetExtent()
-    size_kji = [extent_full[5] - extent_full[4] + 1, extent_full[3] - extent_full[2] + 1, extent_full[1] - extent_full[0] + 1]
-    dim = _ARRAY_DIM[axis]
+    slab_shape = list(shape_kji(reference_image))
+    dim = slicing.array_dim(axis)
     first, last = min(masks), max(masks)
-    if first < 0 or last >= size_kji[dim]:
-        raise ValueError(f"slice index out of range 0..{size_kji[dim] - 1} along {axis}")
-    slab_shape = list(size_kji)
+    if first < 0 or last >= slab_shape[dim]:
+        raise ValueError(f"slice index out of range 0..{slab_shape[dim] - 1} along {axis}")
     slab_shape[dim] = last - first + 1
     remove = np.zeros(slab_shape, dtype=np.uint8)
     add = np.zeros(slab_shape, dtype=np.uint8)
     for index, mask in masks.items():
-        sel = [slice(None)] * 3
-        sel[dim] = index - first
-        sel = tuple(sel)
+        sel = slicing.slice_index(axis, index - first)
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != remove[sel].shape:
             raise ValueError(f"slice {index}: mask shape {mask.shape} does not match the slice {remove[sel].shape}")
@@ -164,8 +166,7 @@ def segment_array(segmentation_node, segment_id: str, reference_image) -> np.nda
         raise ValueError(f"segment {segment_id} has no binary labelmap")
     extent = labelmap.GetExtent()
     if extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
-        ref = reference_image.GetExtent()
-        return np.zeros((ref[5] - ref[4] + 1, ref[3] - ref[2] + 1, ref[1] - ref[0] + 1), dtype=bool)
+        return np.zeros(shape_kji(reference_image), dtype=bool)
     resampled = slicer.vtkOrientedImageData()
     # Nearest-neighbour resampling onto the reference grid (0 outside the segment's own extent).
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
@@ -175,8 +176,15 @@ def segment_array(segmentation_node, segment_id: str, reference_image) -> np.nda
     return image_to_array(resampled) > 0
 
 
-def segment_slices(segmentation_node, segment_id: str, reference_image, axis: str, indices) -> Dict[int, np.ndarray]:
-    """Selected slices of a segment as {index: bool (H, W)}, for re-propagation and key slices."""
+def segment_slices(segmentation_node, segment_id: str, reference_image, axis: str,
+                   indices=None) -> Dict[int, np.ndarray]:
+    """Slices of a segment as {index: bool (H, W)}, for propagation seeds and re-propagation.
+
+    indices: the slices wanted; None: every slice where the segment is not empty."""
+    from medsam_slicer import slicing
+
     volume = segment_array(segmentation_node, segment_id, reference_image)
-    dim = _ARRAY_DIM[axis]
-    return {int(i): np.take(volume, int(i), axis=dim).copy() for i in indices}
+    if indices is None:
+        other_dims = tuple(d for d in range(3) if d != slicing.array_dim(axis))
+        indices = np.flatnonzero(volume.any(axis=other_dims))
+    return {int(i): slicing.get_slice(volume, axis, int(i)).copy() for i in indices}
