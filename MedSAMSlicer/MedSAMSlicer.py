@@ -63,10 +63,10 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         values = {k: str(s.value(SETTINGS_PREFIX + k, v) or "") for k, v in cls.settingsDefaults().items()}
         return engines.EngineSettings(cache_dir=cls.cacheDir(), **values)
 
-    @staticmethod
-    def saveSettings(settings):
+    @classmethod
+    def saveSettings(cls, settings):
         s = qt.QSettings()
-        for key in ("mode", "checkpoint", "device", "precision", "url", "token"):
+        for key in cls.settingsDefaults():
             s.setValue(SETTINGS_PREFIX + key, getattr(settings, key))
 
     @classmethod
@@ -106,12 +106,12 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             except ImportError:
                 logging.info("PyTorch extension not installed: installing torch with pip (CPU or default build)")
             if not installed:
-                slicer.util.pip_install("torch torchvision")
-            missing = [m for m in missing if m not in ("torch",)]
+                slicer.util.pip_install(["torch", "torchvision"])
+            missing = engines.missing_modules(mode)  # installTorch brings torchvision too
         rest = engines.pip_requirements(missing)
         if rest:
-            # one argument string: slicer.util.pip_install takes one up to Slicer 5.10
-            slicer.util.pip_install(" ".join(f'"{r}"' if any(c in r for c in "<>=") else r for r in rest))
+            # a list: each requirement is one pip argument (no shell quoting of ">=")
+            slicer.util.pip_install(rest)
         return engines.missing_modules(mode)
 
     # -- weights
@@ -371,8 +371,9 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
             if kind != worker.DONE:
                 raise payload[0] if payload else RuntimeError("cancelled")
             slicer.util.infoDisplay(
-                "{}\n\n{:.2f} s per slice (encode {:.2f} s + decode {:.3f} s).\nA 100-slice propagation takes about {:.0f} s.".format(provider.describe_engine(), payload["slice_s"], payload["encode_s"], payload["decode_s"],
-                   100 * payload["slice_s"]))
+                f"{provider.describe_engine()}\n\n{payload['slice_s']:.2f} s per slice (encode {payload['encode_s']:.2f} s"
+                f" + decode {payload['decode_s']:.3f} s).\nA 100-slice propagation takes about "
+                f"{100 * payload['slice_s']:.0f} s.")
         self.refresh()
 
 
@@ -444,10 +445,7 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
             slicer.util.selectModule("SegmentEditor")
             editorWidget = slicer.modules.segmenteditor.widgetRepresentation().self().editor
             editorWidget.setSegmentationNode(segmentation)
-            if hasattr(editorWidget, "setSourceVolumeNode"):
-                editorWidget.setSourceVolumeNode(volume)
-            else:
-                editorWidget.setMasterVolumeNode(volume)
+            editorWidget.setSourceVolumeNode(volume)
             editorWidget.setCurrentSegmentID(segmentId)
             editorWidget.setActiveEffectByName("MedSAM")
             effect = editorWidget.activeEffect()
@@ -460,8 +458,8 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
             slicer.util.setSliceViewerLayers(background=volume, fit=True)
             slicer.app.processEvents()
             sliceNode = red.mrmlSliceNode()
-            view = red.sliceView()
-            w, h = view.width, view.height
+            # clickAndDrag takes interactor (device pixel) coordinates, not Qt widget sizes (HiDPI)
+            w, h = red.sliceView().renderWindow().GetSize()
 
             self.delayDisplay("Dragging a box")
             slicer.util.clickAndDrag(red, start=(int(0.35 * w), int(0.35 * h)), end=(int(0.65 * w), int(0.65 * h)))

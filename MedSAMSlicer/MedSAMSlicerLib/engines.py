@@ -54,6 +54,7 @@ class EngineSettings:
 
 def missing_modules(mode: str = "local") -> List[str]:
     """Import names that cannot be found (checked without importing them)."""
+    importlib.invalidate_caches()  # see packages pip installed into this running Slicer
     names = dict(REQUIREMENTS) if mode != "remote" else {}
     if mode == "remote":
         names.update(REMOTE_REQUIREMENTS)
