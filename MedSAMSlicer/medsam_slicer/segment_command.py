@@ -137,10 +137,12 @@ def run_segment(args) -> int:
     for note in volume.notes:
         print(f"note: {note}", file=sys.stderr)
     check_output_path(args.output, args.force)
+    _refuse_overwriting_input(args.output, args.input)
     if args.probabilities:
         if os.path.abspath(args.probabilities) == os.path.abspath(args.output):
             raise InputError("--probabilities must be a different file from the output")
         check_output_path(args.probabilities, args.force)
+        _refuse_overwriting_input(args.probabilities, args.input)
         if args.server:
             raise InputError("--probabilities is only available with the local engine")
     if volume.is_rgb and axis != "k":
@@ -168,6 +170,13 @@ def run_segment(args) -> int:
     if args.probabilities:
         write_probabilities(args.probabilities, probability, volume, overwrite=args.force)
     return 0
+
+
+def _refuse_overwriting_input(output: str, input_path: str) -> None:
+    """--force must never replace the volume being segmented (samefile also catches links)."""
+    output = os.path.expanduser(output)
+    if os.path.exists(output) and os.path.samefile(output, os.path.expanduser(input_path)):
+        raise InputError(f"output '{output}' is the input file: choose another name")
 
 
 def _collect_probabilities(predictor, masks, axis, shape, probability):
