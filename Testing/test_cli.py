@@ -85,6 +85,7 @@ BAD = [
     (["--box", 20, 30, 40, 60, 95, 40], "outside the image"),
     (["--box", 20, 30, 17, 60, 95, 17, "--axis", "z"], "unknown axis"),
     (["--box", 20, 30, 17, 60, 95, 17, "--window", 0, 40], "width"),
+    (["--box", 20, 30, 17, 60, 95, 17, "--window", 400, "nan"], "level"),
     (["--key-box", 20, 30, 5, 60, 95, 7], "key box"),
     (["--box", 20, 30, 17, 60, 95, 17, "--name", "a", "--name", "b"], "names"),
     ([], "--box"),
@@ -129,6 +130,19 @@ def test_existing_output_needs_force(capsys, tmp_path, ct_path, tiny_checkpoint)
     assert code == 2 and "--force" in err and out.read_bytes() == b"precious"
     code, _, err = run(capsys, *argv, "--force")
     assert code == 0 and out.read_bytes() != b"precious"
+
+
+def test_force_never_overwrites_the_input(capsys, tmp_path, ct_path, tiny_checkpoint):
+    volume = tmp_path / "ct.nrrd"
+    volume.write_bytes(open(ct_path, "rb").read())
+    before = volume.read_bytes()
+    box = ["--box", 20, 30, 17, 60, 95, 17, "--force"]
+    for argv in (seg(volume, volume, tiny_checkpoint, *box),
+                 seg(volume, tmp_path / "o.seg.nrrd", tiny_checkpoint, "--probabilities", volume, *box)):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "is the input" in err and err.count("\n") == 1, err
+        assert volume.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]
 
 
 def test_console_script_runs_without_traceback(tmp_path, ct_path):

@@ -5,6 +5,7 @@ window to a slice is then a cheap element-wise map.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -51,8 +52,10 @@ class IntensityWindow:
 
 
 def from_width_level(width: float, level: float, name: str = "custom") -> IntensityWindow:
-    if not width > 0:
-        raise InputError(f"window width must be positive, got {width:g}")
+    if not (width > 0 and math.isfinite(width)):
+        raise InputError(f"window width must be a positive number, got {width:g}")
+    if not math.isfinite(level):
+        raise InputError(f"window level must be a number, got {level:g}")
     return IntensityWindow(level - width / 2.0, level + width / 2.0, False, name)
 
 
