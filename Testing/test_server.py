@@ -534,6 +534,12 @@ def test_serve_refuses_non_loopback_without_token(tmp_path):
         serve(host="10.1.2.3", token_file=str(empty))
     with pytest.raises(InputError, match="either --token or --token-file"):
         serve(token=TOKEN_A, token_file=str(empty))
+    with pytest.raises(InputError, match="--port must be between 0 and 65535"):
+        serve(port=99999, checkpoint=str(tmp_path / "absent.pth"))
+    with pytest.raises(InputError, match="--max-sessions must be positive"):
+        serve(port=free_port(), checkpoint=str(tmp_path / "absent.pth"), max_sessions=0)
+    with pytest.raises(InputError, match="--idle-timeout must be positive"):
+        serve(port=free_port(), checkpoint=str(tmp_path / "absent.pth"), idle_timeout_s=-1)
 
 
 def test_serve_reports_a_busy_port(server):

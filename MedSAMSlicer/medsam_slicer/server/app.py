@@ -925,7 +925,17 @@ def check_bind(host: str, tokens: List[str]) -> None:
         )
 
 
+def _check_limits(cache_mb: Optional[float], limits: dict) -> None:
+    """Zero or negative limits would start a server that refuses every session or request."""
+    for name, value in dict(limits, cache_mb=cache_mb).items():
+        if value is not None and not value > 0:
+            flag = "--idle-timeout" if name == "idle_timeout_s" else "--" + name.replace("_", "-")
+            raise InputError(f"{flag} must be positive, got {value}")
+
+
 def _check_port_free(host: str, port: int) -> None:
+    if not 0 <= int(port) <= 65535:
+        raise InputError(f"--port must be between 0 and 65535, got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -957,6 +967,7 @@ def serve(
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tokens = load_tokens(token, token_file)
     check_bind(host, tokens)
+    _check_limits(cache_mb, limits)
     _check_port_free(host, port)
     if engine is None:
         from ..engine import MedSAMEngine
