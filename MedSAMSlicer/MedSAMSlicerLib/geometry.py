@@ -68,21 +68,16 @@ def grid_of(source, image_to_world=None) -> Grid:
     vtkSlicerSegmentEditorLogic.ImageToWorldMatrix(image, segmentationNode, m)); it maps the image's
     structured indices (including the extent's offset) to RAS.
     """
-    if hasattr(source, "GetIJKToRASMatrix") and image_to_world is None:  # volume node
-        import vtk
+    import vtk
 
-        m = vtk.vtkMatrix4x4()
-        source.GetIJKToRASMatrix(m)
-        image_to_world = m
-        image = source.GetImageData()
-    else:
-        image = source
-        if image_to_world is None:
-            import vtk
-
-            m = vtk.vtkMatrix4x4()
-            image.GetImageToWorldMatrix(m)
-            image_to_world = m
+    is_volume_node = hasattr(source, "GetIJKToRASMatrix")
+    image = source.GetImageData() if is_volume_node else source
+    if image_to_world is None:
+        image_to_world = vtk.vtkMatrix4x4()
+        if is_volume_node:
+            source.GetIJKToRASMatrix(image_to_world)
+        else:
+            image.GetImageToWorldMatrix(image_to_world)
     if image is None:
         raise ValueError("the volume has no image data")
     extent = image.GetExtent()
@@ -170,19 +165,9 @@ def xy_box_to_ijk_box(slice_node, xy0, xy1, grid_or_source, clip: bool = True):
 
 def box_outline_xy(slice_node, grid_or_source, axis: str, index: int, box2d) -> np.ndarray:
     """Display XY of a voxel box's four corners (voxel edges, so the outline encloses the voxels)."""
-    grid = _as_grid(grid_or_source)
-    xa, ya = IN_PLANE[axis]
-    n = AXES.index(axis)
     x0, y0, x1, y1 = box2d
-    pts = []
-    for x, y in ((x0 - 0.5, y0 - 0.5), (x1 + 0.5, y0 - 0.5), (x1 + 0.5, y1 + 0.5), (x0 - 0.5, y1 + 0.5)):
-        ijk = [0.0, 0.0, 0.0]
-        ijk[xa], ijk[ya], ijk[n] = x, y, index
-        pts.append(ijk)
-    ras = grid.index_to_ras(pts)
-    ras_to_xy = np.linalg.inv(matrix_to_numpy(slice_node.GetXYToRAS()))
-    homog = np.c_[ras, np.ones(len(ras))]
-    return (ras_to_xy @ homog.T).T[:, :2]
+    corners = [(x0 - 0.5, y0 - 0.5), (x1 + 0.5, y0 - 0.5), (x1 + 0.5, y1 + 0.5), (x0 - 0.5, y1 + 0.5)]
+    return slice_points_to_xy(slice_node, grid_or_source, axis, index, corners)
 
 
 def ras_box_to_ijk_box3d(grid_or_source, ras_min, ras_max):
