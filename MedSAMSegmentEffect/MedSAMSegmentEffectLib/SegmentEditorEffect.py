@@ -760,40 +760,44 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
                 self.status(str(exc), error=True)
 
     def finishAction(self, result):
-        action = self.action
-        masks = result["masks"]
-        kind = action["kind"]
-        if kind == "slice":
-            index = action["index"]
-            mask = masks[index]
-            view = action["view"]
-            if not mask.any():
-                self.status(f"MedSAM found nothing in the box on slice {index}.")
-            if action["preview"]:
-                self.showPreview(view, action["axis"], index, mask, action["image"])
-                score = result["score"]
-                self.status(f"Preview of slice {index} (score {score:.2f}): Enter writes it, Esc discards it.")
-            else:
-                self.writeForAction({index: mask})
-                self.lastSeed = (action["axis"], index, action["box"])
-                score, window = result["score"], intensity.describe(result["window"])
-                self.status(f"Slice {index} segmented (score {score:.2f}, {window}). Propagate with u / j / p.")
+        if self.action["kind"] == "slice":
+            self.finishSlice(result)
         else:
-            # Slices streamed during the run are raw; the final result is post-processed in 3D (components
-            # anchored to the seed) and may drop slices: rewrite what differs, clear what was dropped.
-            import numpy as np
-
-            written = action["written"]
-            fix = {i: m for i, m in masks.items() if i not in written or not np.array_equal(written[i], m)}
-            for i, m in written.items():
-                if i not in masks:
-                    fix[i] = np.zeros_like(m)
-            if fix:
-                self.writeForAction(fix)
-            reasons = ", ".join("{}: {}".format(*kv) for kv in result.get("stop_reasons", {}).items())
-            done = "cancelled, kept" if result.get("cancelled") else "done:"
-            self.status("MedSAM {} {} slices{}.".format(done, len(masks), (" (" + reasons + ")") if reasons else ""))
+            self.finishVolume(result)
         self.endAction()
+
+    def finishSlice(self, result):
+        action = self.action
+        index = action["index"]
+        mask = result["masks"][index]
+        score = result["score"]
+        if not mask.any():
+            self.status(f"MedSAM found nothing in the box on slice {index}.")
+        if action["preview"]:
+            self.showPreview(action["view"], action["axis"], index, mask, action["image"])
+            self.status(f"Preview of slice {index} (score {score:.2f}): Enter writes it, Esc discards it.")
+        else:
+            self.writeForAction({index: mask})
+            self.lastSeed = (action["axis"], index, action["box"])
+            window = intensity.describe(result["window"])
+            self.status(f"Slice {index} segmented (score {score:.2f}, {window}). Propagate with u / j / p.")
+
+    def finishVolume(self, result):
+        # Slices streamed during the run are raw; the final result is post-processed in 3D (components
+        # anchored to the seed) and may drop slices: rewrite what differs, clear what was dropped.
+        import numpy as np
+
+        masks = result["masks"]
+        written = self.action["written"]
+        fix = {i: m for i, m in masks.items() if i not in written or not np.array_equal(written[i], m)}
+        for i, m in written.items():
+            if i not in masks:
+                fix[i] = np.zeros_like(m)
+        if fix:
+            self.writeForAction(fix)
+        reasons = ", ".join("{}: {}".format(*kv) for kv in result.get("stop_reasons", {}).items())
+        done = "cancelled, kept" if result.get("cancelled") else "done:"
+        self.status("MedSAM {} {} slices{}.".format(done, len(masks), (" (" + reasons + ")") if reasons else ""))
 
     def failAction(self, error):
         if error is None:
