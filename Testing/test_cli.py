@@ -45,6 +45,23 @@ def test_single_slice_matches_engine_and_geometry(capsys, tmp_path, ct_path, ct_
     assert "slices 17-17" in stdout
 
 
+def test_colour_png_is_segmented_as_one_slice(capsys, tmp_path, ct_array, tiny_checkpoint, tiny_engine):
+    from PIL import Image
+
+    from medsam_slicer.windowing import IntensityWindow
+
+    grey = IntensityWindow(-160, 240).apply(ct_array[17])
+    rgb = np.stack([grey, grey[::-1], np.full_like(grey, 40)], axis=-1)  # channels differ
+    Image.fromarray(rgb, "RGB").save(tmp_path / "colour.png")
+    out = tmp_path / "colour.nii.gz"
+    code, stdout, err = run(capsys, *seg(tmp_path / "colour.png", out, tiny_checkpoint, "--box", 20, 30, 0, 60, 95, 0))
+    assert code == 0, err
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    expected, _ = SlicePredictor(tiny_engine, rgb[None], IntensityWindow(0, 255, False, "rgb"), "k")(0, (20, 30, 60, 95))
+    assert labels.shape == (1,) + grey.shape and expected.any()
+    np.testing.assert_array_equal(labels[0] == 1, expected)
+
+
 def test_axis_j_box_uses_i_and_k_in_plane(capsys, tmp_path, ct_path, ct_array, tiny_checkpoint, tiny_engine):
     out = tmp_path / "coronal.nii.gz"
     code, _, err = run(capsys, *seg(ct_path, out, tiny_checkpoint, "--axis", "j", "--box", 10, 64, 5, 100, 64, 30))

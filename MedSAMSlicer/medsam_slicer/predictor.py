@@ -13,7 +13,7 @@ import numpy as np
 
 from .cache import EmbeddingCache, default_cache
 from .errors import InputError
-from .slicing import check_axis, get_slice, slice_count
+from .slicing import check_axis, get_slice, slice_count, slice_shape
 from .windowing import IntensityWindow
 
 
@@ -53,7 +53,7 @@ class SlicePredictor:
 
     @property
     def slice_shape(self) -> Tuple[int, int]:
-        return tuple(get_slice(self.volume, self.axis, 0).shape[:2])
+        return slice_shape(self.volume.shape, self.axis)
 
     def image(self, index: int) -> np.ndarray:
         if not 0 <= index < self.n_slices:

@@ -41,9 +41,16 @@ def slice_count(shape_kji: Sequence[int], axis: str) -> int:
     return int(shape_kji[array_dim(axis)])
 
 
+def slice_shape(shape_kji: Sequence[int], axis: str) -> Tuple[int, int]:
+    """(rows, columns) of a slice cut along `axis` from a volume of array shape [k, j, i]."""
+    rows, cols = (int(n) for d, n in enumerate(shape_kji[:3]) if d != array_dim(axis))
+    return rows, cols
+
+
 def get_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
-    """A view of one slice, rows and columns as in the table above."""
-    return np.take(volume, index, axis=array_dim(axis)) if volume.ndim == 3 else volume
+    """One slice, rows and columns as in the table above (a colour volume [k, j, i, rgb] keeps its
+    channels); a 2D array is its own slice."""
+    return volume if volume.ndim == 2 else np.take(volume, index, axis=array_dim(axis))
 
 
 def slice_index(axis: str, index: int) -> tuple:
