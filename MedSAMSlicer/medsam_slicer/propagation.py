@@ -134,7 +134,7 @@ def check_box(box, slice_shape: Sequence[int], what: str = "box") -> Box2D:
         values = [float(v) for v in box]
     except (TypeError, ValueError):
         raise InputError(f"{what} must be four numbers x0 y0 x1 y1, got {box!r}") from None
-    if len(values) != 4:
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
         raise InputError(f"{what} must be four numbers x0 y0 x1 y1, got {box!r}")
     x0, y0, x1, y1 = (int(round(v)) for v in values)
     h, w = int(slice_shape[0]), int(slice_shape[1])

@@ -42,7 +42,8 @@ from .. import __version__
 from ..cache import EmbeddingCache, default_budget_bytes
 from ..errors import InputError, MedSAMError
 from ..predictor import volume_key
-from ..slicing import check_axis, slice_count
+from ..propagation import check_box
+from ..slicing import check_axis, slice_count, slice_shape
 from ..windowing import IntensityWindow, choose_window
 from .protocol import API_PREFIX, JOB_ID_PATTERN, decode_array, decode_mask, encode_mask
 from .scheduler import Scheduler, ScheduledPredictor, SessionGone
@@ -510,26 +511,10 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def _check_box(box, size: Tuple[int, int], what: str = "box") -> None:
-    h, w = size
-    if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
-        raise InputError(f"{what} must be four finite numbers x0 y0 x1 y1")
-    x0, y0, x1, y1 = box
-    if x0 > x1 or y0 > y1:
-        raise InputError(f"{what} {list(box)} is inverted (x0 <= x1 and y0 <= y1 needed)")
-    if x0 < 0 or y0 < 0 or x1 > w - 1 or y1 > h - 1:
-        raise InputError(f"{what} {list(box)} lies outside the {w}x{h} slice (x 0..{w - 1}, y 0..{h - 1})")
-
-
 def _check_index(index: int, n: int, axis: str, what: str = "slice") -> int:
     if not 0 <= index < n:
         raise InputError(f"{what} {index} is outside the volume (0..{n - 1} along {axis})")
     return index
-
-
-def _slice_size(volume: np.ndarray, axis: str) -> Tuple[int, int]:
-    dims = [d for d in range(3) if d != {"k": 0, "j": 1, "i": 2}[check_axis(axis)]]
-    return int(volume.shape[dims[0]]), int(volume.shape[dims[1]])
 
 
 def _resolve_window(spec: WindowSpec, volume: np.ndarray) -> IntensityWindow:
@@ -659,8 +644,8 @@ def create_app(engine, tokens: Optional[List[str]] = None, cache_mb: Optional[fl
         session = state.session(who, session_id)
         pred = session.predictor(state, req.axis)
         _check_index(req.index, pred.n_slices, req.axis)
-        size = _slice_size(session.volume, req.axis)
-        _check_box(req.box, size)
+        size = slice_shape(session.volume.shape, req.axis)
+        check_box(req.box, size)
         mask, score = pred(req.index, list(req.box))
         session.touch()
         return {"index": req.index, "size": list(size), "score": float(score), "mask": encode_mask(mask)}
@@ -781,10 +766,10 @@ def create_app(engine, tokens: Optional[List[str]] = None, cache_mb: Optional[fl
         from ..propagation import propagate_from_slice
 
         session = state.session(who, session_id)
-        size = _slice_size(session.volume, req.axis)
+        size = slice_shape(session.volume.shape, req.axis)
         _check_index(req.seed_index, slice_count(session.volume.shape, req.axis), req.axis, "seed slice")
         if req.seed_box is not None:
-            _check_box(req.seed_box, size, "seed box")
+            check_box(req.seed_box, size, "seed box")
         seed_mask = decode_mask(req.seed_mask.model_dump(), size, what="seed mask") if req.seed_mask else None
         kw = dict(job_kwargs(req), direction=req.direction, rules=_rules(req.rules))
 
@@ -800,9 +785,9 @@ def create_app(engine, tokens: Optional[List[str]] = None, cache_mb: Optional[fl
         from ..propagation import segment_box3d
 
         session = state.session(who, session_id)
-        size = _slice_size(session.volume, req.axis)
+        size = slice_shape(session.volume.shape, req.axis)
         n = slice_count(session.volume.shape, req.axis)
-        _check_box(req.box, size)
+        check_box(req.box, size)
         _check_index(req.first, n, req.axis, "first slice")
         _check_index(req.last, n, req.axis, "last slice")
         kw = dict(job_kwargs(req), start=req.start, clip_to_box=req.clip_to_box)
@@ -818,12 +803,12 @@ def create_app(engine, tokens: Optional[List[str]] = None, cache_mb: Optional[fl
         from ..propagation import segment_key_slices
 
         session = state.session(who, session_id)
-        size = _slice_size(session.volume, req.axis)
+        size = slice_shape(session.volume.shape, req.axis)
         n = slice_count(session.volume.shape, req.axis)
         boxes: Dict[int, List[Number]] = {}
         for kb in req.key_boxes:
             _check_index(kb.index, n, req.axis, "key slice")
-            _check_box(kb.box, size, f"box on key slice {kb.index}")
+            check_box(kb.box, size, f"box on key slice {kb.index}")
             if kb.index in boxes:
                 raise InputError(f"key slice {kb.index} is given twice")
             boxes[kb.index] = kb.box
@@ -840,7 +825,7 @@ def create_app(engine, tokens: Optional[List[str]] = None, cache_mb: Optional[fl
         from ..propagation import repropagate as run_repropagate
 
         session = state.session(who, session_id)
-        size = _slice_size(session.volume, req.axis)
+        size = slice_shape(session.volume.shape, req.axis)
         n = slice_count(session.volume.shape, req.axis)
         masks: Dict[int, np.ndarray] = {}
         for item in req.masks:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError, MedSAMError
-from ..slicing import check_axis, get_slice, slice_count
+from ..slicing import check_axis, get_slice, slice_count, slice_shape
 from ..windowing import IntensityWindow
 from .protocol import API_PREFIX, decode_mask, encode_array, encode_mask, version_tuple
 
@@ -80,12 +80,6 @@ def _jsonable(value):
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
-
-
-def _slice_size(shape: Sequence[int], axis: str) -> Tuple[int, int]:
-    drop = {"k": 0, "j": 1, "i": 2}[check_axis(axis)]
-    dims = [int(shape[d]) for d in range(3) if d != drop]
-    return dims[0], dims[1]
 
 
 def _wire_volume(volume: np.ndarray) -> np.ndarray:
@@ -267,7 +261,7 @@ class RemotePredictor:
 
     @property
     def slice_shape(self) -> Tuple[int, int]:
-        return _slice_size(self.session.volume.shape, self.axis)
+        return slice_shape(self.session.volume.shape, self.axis)
 
     def image(self, index: int) -> np.ndarray:
         return self.session.window.apply(get_slice(self.session.volume, self.axis, index))
@@ -344,7 +338,7 @@ class RemoteSession:
         return decode_mask(reply["mask"], tuple(reply["size"])), float(reply["score"])
 
     def propagate(self, axis: str, seed_index: int, seed_box=None, seed_mask=None, **options):
-        size = _slice_size(self.volume.shape, axis)
+        size = slice_shape(self.volume.shape, axis)
         body = {"axis": axis, "seed_index": _jsonable(seed_index)}
         if seed_box is not None:
             body["seed_box"] = _jsonable(list(seed_box))
@@ -362,7 +356,7 @@ class RemoteSession:
         return self._job("key-slices", body, options, {})
 
     def repropagate(self, axis: str, masks, corrected_index: int, corrected_mask, seed_index: int, **options):
-        size = _slice_size(self.volume.shape, axis)
+        size = slice_shape(self.volume.shape, axis)
         masks = getattr(masks, "masks", masks)
         base = {int(i): _check_mask(m, size, f"mask of slice {i}") for i, m in dict(masks).items()}
         body = {
@@ -406,7 +400,7 @@ class RemoteSession:
                 if value is not None:
                     value = asdict(value) if is_dataclass(value) else dict(value)
             body[name] = _jsonable(value)
-        size = _slice_size(self.volume.shape, body["axis"])
+        size = slice_shape(self.volume.shape, body["axis"])
         job_id = secrets.token_urlsafe(12)
         body["job_id"] = job_id
         response = self._call("POST", f"/{kind}", body, idempotent=False, stream=True)
