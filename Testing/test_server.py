@@ -232,6 +232,12 @@ def test_unknown_option_is_a_type_error_like_local(remote, local):
         local.propagate("k", 5, seed_box=BOX, speed=2)
 
 
+def test_local_session_refuses_the_boxes_the_server_refuses(local):
+    for box in ([30, 40, 200, 100], [60, 40, 30, 100], [30, float("nan"), 60, 100]):
+        with pytest.raises(InputError, match="outside|inverted|four numbers"):
+            local.segment_slice("k", 5, box)
+
+
 def test_user_mistakes_are_input_errors(remote):
     with pytest.raises(InputError, match="outside"):
         remote.segment_slice("k", 5, [30, 40, 200, 100])

@@ -55,7 +55,11 @@ class LocalSession:
 
     def segment_slice(self, axis: str, index: int, box):
         """(bool mask (H, W), quality score) for one 2D box [x0, y0, x1, y1] on one slice."""
-        return self.predictor(axis)(index, box)
+        from .propagation import check_box
+
+        pred = self.predictor(axis)
+        check_box(box, pred.slice_shape)  # the server refuses the same boxes
+        return pred(index, box)
 
     def propagate(self, axis: str, seed_index: int, seed_box=None, seed_mask=None, **options):
         from .propagation import propagate_from_slice
