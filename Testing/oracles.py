@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from medsam_slicer.slicing import get_slice, slice_count
+from medsam_slicer.slicing import array_dim, get_slice, slice_count
 
 
 class Oracle:
@@ -81,7 +81,7 @@ def degraded_oracle(truth: np.ndarray, kind: str, axis: str = "k", seed: int = 0
         return Oracle(truth, axis)
     if kind == "dilated":
         return Oracle(ndimage.binary_dilation(truth), axis, score=None)
-    dim = {"k": 0, "j": 1, "i": 2}[axis]
+    dim = array_dim(axis)
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[tuple(1 if d == dim else slice(None) for d in range(3))] = ndimage.generate_binary_structure(2, 1)
     if kind == "eroded":

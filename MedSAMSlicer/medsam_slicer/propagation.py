@@ -350,6 +350,12 @@ def _room(run: _Run, index: int, name: str) -> int:
     return run.n - 1 - index if name == "up" else index
 
 
+def _planned_slices(run: _Run, start: int, names: Tuple[str, ...], rules: StopRules) -> int:
+    """Slices a growth from `start` visits at most (for progress totals): the start plus each direction's room."""
+    rooms = [_room(run, start, name) for name in names]
+    return 1 + sum(room if rules.max_slices is None else min(rules.max_slices, room) for room in rooms)
+
+
 # ---------------------------------------------------------------------------------------------
 # mode a
 
@@ -380,10 +386,7 @@ def propagate_from_slice(
     seed = run.check_index(seed_index, "seed slice")
     if seed_mask is None and seed_box is None:
         raise InputError("give a box or a mask on the seed slice")
-    run.total = 1 + sum(
-        _room(run, seed, name) if rules.max_slices is None else min(rules.max_slices, _room(run, seed, name))
-        for name in names
-    )
+    run.total = _planned_slices(run, seed, names, rules)
     if seed_mask is not None:
         mask = run.check_mask(seed_mask, "the seed mask").copy()
         if not mask.any():
@@ -640,9 +643,7 @@ def repropagate(
         for name in names:
             reasons[name] = f"empty mask at slice {fixed}"
         return run.result(reasons, keep_largest)
-    run.total = 1 + sum(
-        _room(run, fixed, n) if rules.max_slices is None else min(rules.max_slices, _room(run, fixed, n)) for n in names
-    )
+    run.total = _planned_slices(run, fixed, names, rules)
     run.finish(fixed, corrected)
     for name in names:
         reasons[name] = _grow(run, fixed, corrected, 1 if name == "up" else -1, rules, margin, _room(run, fixed, name))
