@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from .errors import InputError
-from .slicing import mask_bbox, slice_index
+from .slicing import mask_bbox
 
 STRUCTURE = "right lung"
 
@@ -59,15 +59,13 @@ def run_demo(args) -> int:
     finally:
         bar.close()
         session.close()
-    ours = np.zeros(volume.shape_kji, bool)
-    for index, mask in result.masks.items():
-        ours[slice_index("k", index)] = mask
+    ours = result.volume("k", volume.shape_kji)
 
     os.makedirs(out_dir, exist_ok=True)
     write_output(seg_path, [(STRUCTURE, ours)], volume, overwrite=args.force)
     write_overview(png_path, window.apply(volume.array), ours, expert, volume.direction)
     done = sorted(result.masks)
-    print(f"segmented slices {done[0]}-{done[-1]}; stopped " +
+    print((f"segmented slices {done[0]}-{done[-1]}" if done else "nothing segmented") + "; stopped " +
           "; ".join(f"{d}: {r}" for d, r in sorted(result.stop_reasons.items())))
     print(f"Dice vs expert {STRUCTURE}: {dice(ours, expert):.3f}")
     print(f"wrote {seg_path}\nwrote {png_path}")
@@ -89,13 +87,12 @@ def write_overview(path: str, image_u8: np.ndarray, ours: np.ndarray, expert: np
         rgb[find_boundaries(expert[k], mode="inner")] = (0, 220, 0)
         rgb[find_boundaries(ours[k], mode="inner")] = (255, 40, 40)
         tiles.append(rgb)
-    strip = np.concatenate(tiles, axis=1)
     if direction is not None:  # LPS: columns should run towards +x (left), rows towards +y (posterior)
         d = np.asarray(direction, float)
         flip_cols, flip_rows = d[0, 0] < 0, d[1, 1] < 0
         tiles = [t[::-1] if flip_rows else t for t in tiles]
         tiles = [t[:, ::-1] if flip_cols else t for t in tiles]
-        strip = np.concatenate(tiles, axis=1)
+    strip = np.concatenate(tiles, axis=1)
     img = Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST)
     tmp = path + ".tmp.png"
     img.save(tmp)
