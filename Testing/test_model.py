@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medsam_slicer.errors import CheckpointError, InputError
-from medsam_slicer.model import detect_architecture, load_sam, read_state_dict, resolve_device
+from medsam_slicer.model import detect_architecture, load_sam, resolve_device
 from model_factory import TINY, VIT_B, build_random_sam
 
 

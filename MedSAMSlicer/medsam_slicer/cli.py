@@ -6,7 +6,6 @@ files are checked before the model is loaded, and no output file is left behind 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, Optional
 

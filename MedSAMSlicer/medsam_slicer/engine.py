@@ -6,7 +6,7 @@ image embeddings and re-prompt a slice with the decoder alone.
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 

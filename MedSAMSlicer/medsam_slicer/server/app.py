@@ -21,7 +21,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import secrets
