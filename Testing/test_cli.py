@@ -171,3 +171,15 @@ def test_console_script_runs_without_traceback(tmp_path, ct_path):
     help_text = subprocess.run([exe, "segment", "--help"], capture_output=True, text=True, check=True).stdout
     for flag in ("--box", "--key-box", "--propagate", "--direction", "--max-slices", "--probabilities", "--server"):
         assert flag in help_text
+
+
+def test_weights_verify_says_when_it_only_records(capsys, tmp_path):
+    blob = tmp_path / "medsam_vit_b.pth"
+    blob.write_bytes(b"weights" * 1000)
+    code, out, _ = run(capsys, "weights", "verify", blob)
+    assert code == 0 and "no digest was known; recorded" in out and "OK" not in out
+    code, out, _ = run(capsys, "weights", "verify", blob)
+    assert code == 0 and ": OK sha256" in out
+    blob.write_bytes(b"tampered" * 1000)
+    code, _, err = run(capsys, "weights", "verify", blob)
+    assert code == 2 and err.count("\n") == 1

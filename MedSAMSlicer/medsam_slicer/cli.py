@@ -148,7 +148,13 @@ def _weights(args) -> int:
         path = args.file or weights.cached_weights()
         if path is None:
             raise MedSAMError(f"no weights in {weights.cache_dir()}: run 'medsam-slicer weights download'")
-        print(f"{path}: OK sha256 {weights.verify(path)}")
+        known = weights.pinned_sha256(path) or weights.recorded_sha256(path)
+        digest = weights.verify(path)
+        if known:
+            print(f"{path}: OK sha256 {digest}")
+        else:  # nothing to check against yet: say so rather than "OK"
+            print(f"{path}: no digest was known; recorded sha256 {digest} in {weights.digest_sidecar(path)} "
+                  "(later checks compare against it)")
     else:
         raise MedSAMError("weights needs a subcommand: download, path or verify")
     return 0
