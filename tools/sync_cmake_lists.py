@@ -47,8 +47,7 @@ def _block(header: str, items) -> str:
 def render(module: str, text: str) -> str:
     scripts, resources = module_files(module)
     for key, items in (("scripts", scripts), ("resources", resources)):
-        items = [i.replace(module + ".py", "${MODULE_NAME}.py") if i == module + ".py" else i for i in items]
-        items = [i.replace("Icons/" + module + ".png", "Icons/${MODULE_NAME}.png") for i in items]
+        # Literal file names (no ${MODULE_NAME}) so a plain search finds every listed file.
         pattern = re.compile(re.escape(BEGIN[key]) + r"\n(?:[^)]*\n)?\s*\)", re.MULTILINE)
         if not pattern.search(text):
             raise SystemExit(f"{module}/CMakeLists.txt: no '{BEGIN[key]} ... )' block")
