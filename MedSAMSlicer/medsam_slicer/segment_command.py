@@ -108,11 +108,13 @@ class ProgressBar:
             self.bar.close()
 
 
-def run_job(session, job: Job, axis: str, args) -> Tuple[Dict[int, np.ndarray], Dict[str, str]]:
-    """Returns slice index -> 2D mask and the stop reason per direction."""
+def run_job(session, job: Job, axis: str, args):
+    """A PropagationResult: slice index -> 2D mask, and the stop reason per direction."""
+    from .propagation import PropagationResult
+
     if job.mode == "slice":
         mask, _ = session.segment_slice(axis, job.first, job.box2d)
-        return {job.first: mask}, {}
+        return PropagationResult(masks={job.first: mask})
     post = dict(keep_largest=not args.no_largest_component, fill_holes=args.fill_holes)
     bar = ProgressBar(job.name, args.quiet)
     try:
@@ -125,7 +127,7 @@ def run_job(session, job: Job, axis: str, args) -> Tuple[Dict[int, np.ndarray], 
             result = session.segment_key_slices(axis, job.keys, progress=bar, **post)
     finally:
         bar.close()
-    return result.masks, result.stop_reasons
+    return result
 
 
 def run_segment(args) -> int:
@@ -156,14 +158,12 @@ def run_segment(args) -> int:
     segments, probability = [], None
     try:
         for job in jobs:
-            masks, reasons = run_job(session, job, axis, args)
-            full = np.zeros(volume.shape_kji, bool)
-            for index, mask in masks.items():
-                full[slice_index(axis, index)] = mask
-            segments.append((job.name, full))
+            result = run_job(session, job, axis, args)
+            segments.append((job.name, result.volume(axis, volume.shape_kji)))
             if args.probabilities:
-                probability = _collect_probabilities(session.predictor(axis), masks, axis, volume.shape_kji, probability)
-            _report(job, masks, reasons)
+                probability = _collect_probabilities(session.predictor(axis), result.masks, axis, volume.shape_kji,
+                                                     probability)
+            _report(job, result.masks, result.stop_reasons)
     finally:
         session.close()
     write_output(args.output, segments, volume, overwrite=args.force)
