@@ -19,25 +19,15 @@ if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "MedSAMSlicer"))
 from MedSAMSlicerLib import engines, geometry, intensity, worker, writing  # noqa: E402
-
-
-def _rules():
-    f = slicer.vtkSegmentationConverterFactory.GetInstance()
-    f.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
-    f.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+from slicer_scene import read_volume_node, register_converter_rules  # noqa: E402
 
 
 @pytest.fixture()
 def editor(ct_path):
-    _rules()
+    register_converter_rules()
     scene = slicer.vtkMRMLScene()
     slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    volume = slicer.vtkMRMLScalarVolumeNode()
-    scene.AddNode(volume)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(ct_path)
-    assert storage.ReadData(volume)
+    volume = read_volume_node(scene, ct_path)
     display = slicer.vtkMRMLScalarVolumeDisplayNode()
     scene.AddNode(display)
     volume.SetAndObserveDisplayNodeID(display.GetID())

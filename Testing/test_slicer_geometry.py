@@ -16,6 +16,7 @@ if not hasattr(slicer, "vtkMRMLSliceNode"):
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "MedSAMSlicer"))
 from MedSAMSlicerLib import geometry  # noqa: E402
+from slicer_scene import read_volume_node  # noqa: E402
 
 SIZE_IJK = (40, 30, 20)
 
@@ -157,12 +158,7 @@ def test_lps_file_read_by_slicer(scene, tmp_path):
     img.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))  # LPS identity: i -> L, j -> P, k -> S
     path = str(tmp_path / "lps.nrrd")
     sitk.WriteImage(img, path)
-    node = slicer.vtkMRMLScalarVolumeNode()
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(path)
-    assert storage.ReadData(node)
+    node = read_volume_node(scene, path)
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])

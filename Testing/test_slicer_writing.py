@@ -17,6 +17,7 @@ if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "MedSAMSlicer"))
 from MedSAMSlicerLib import writing  # noqa: E402
+from slicer_scene import register_converter_rules  # noqa: E402
 
 SIZE_IJK = (24, 20, 16)
 SEG = slicer.vtkMRMLSegmentationNode
@@ -24,13 +25,7 @@ ED = slicer.vtkMRMLSegmentEditorNode
 _DIM = {"k": 0, "j": 1, "i": 2}
 
 
-def _register_rules():
-    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
-    factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
-
-
-_register_rules()
+register_converter_rules()
 
 
 def _matrix(m4):
