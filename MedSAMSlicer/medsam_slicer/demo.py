@@ -29,7 +29,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_demo(args) -> int:
-    from .segment_command import open_session
+    from .segment_command import ProgressBar, open_session
     from .volume_io import read_segmentation_masks, read_volume, write_output
     from .windowing import choose_window
 
@@ -51,8 +51,6 @@ def run_demo(args) -> int:
           f"box {box} on slice k={seed}")
 
     session = open_session(args, volume.array, window)
-    from .segment_command import ProgressBar
-
     bar = ProgressBar(STRUCTURE, args.quiet)
     try:
         result = session.propagate("k", seed, seed_box=box, direction="both", progress=bar)
