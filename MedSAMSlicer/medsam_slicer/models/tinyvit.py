@@ -1,0 +1,234 @@
+"""LiteMedSAM's image encoder: a TinyViT at 256 x 256 input, written for this project.
+
+Why our own: the official LiteMedSAM weights (``lite_medsam.pth``) need the TinyViT variant that
+MobileSAM and LiteMedSAM vendor, and the packages that ship it need timm and Python >= 3.10, while
+3D Slicer embeds Python 3.9. This module depends on torch alone.
+
+What it is (the layout of the checkpoint's ``image_encoder.*`` tensors, so that
+``TinyViTEncoder().load_state_dict(sd, strict=True)`` takes them as they are):
+
+* ``patch_embed``: two 1 x 1 conv + BatchNorm with a GELU between (3 -> 32 -> 64 channels). There is
+  no downsampling: the first stage runs at the full 256 x 256.
+* stage 0: two MBConv blocks (1x1 expand x4, 3x3 depthwise, 1x1 project, residual, GELUs).
+* stages 1-3: TinyViT blocks. Windowed self-attention with a learned bias per head and per
+  (|dy|, |dx|) offset inside the window, then a 3x3 depthwise conv + BatchNorm that *replaces* the
+  stream (no residual around it), then an MLP with a residual. Windows are 7, 14 and 7 tokens wide
+  at 128, 64 and 64 tokens a side, so windows at the bottom and right edges are zero-padded; the
+  attention's layer norm runs after that padding, so padded tokens enter attention as the norm's
+  bias (this is what the weights were trained with, and the reason we pad before normalising).
+* between stages: "patch merging" (1x1 conv, 3x3 depthwise conv with stride 2, or stride 1 into
+  the last, 320-channel stage, then 1x1 conv; BatchNorm after each, GELU after the first two).
+* ``neck``: SAM's 1x1 conv, channel LayerNorm, 3x3 conv, channel LayerNorm to 256 x 64 x 64.
+
+Input: (B, 3, 256, 256) float32 in [0, 1] (LiteMedSAM normalises by min-max only);
+output: (B, 256, 64, 64).
+
+``prepare_fast_encoder`` builds an inference-only function of the same maths over a private copy
+of the weights: BatchNorm folded into the convolutions, attention biases gathered once, PyTorch's
+fused scaled-dot-product attention, channels-last (NHWC) activations throughout, and an optional
+reduced compute dtype with the residual stream kept in float32.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IMG_SIZE = 256
+EMBED_DIMS = (64, 128, 160, 320)
+DEPTHS = (2, 2, 6, 2)
+NUM_HEADS = (2, 4, 5, 10)  # stage 0 is convolutional: its entry is unused
+WINDOWS = (7, 7, 14, 7)  # likewise
+MLP_RATIO = 4
+MBCONV_EXPAND = 4
+NECK_DIM = 256
+
+
+class ConvBN(nn.Module):
+    """A bias-free convolution followed by BatchNorm (checkpoint keys ``c.*`` and ``bn.*``)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.c = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.c(x))
+
+    @torch.no_grad()
+    def folded(self):
+        """(weight, bias) of the single convolution equal to this one in eval mode."""
+        bn = self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return self.c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+
+
+class MBConv(nn.Module):
+    """Inverted residual block of stage 0 (NCHW in and out)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        hidden = dim * MBCONV_EXPAND
+        self.conv1 = ConvBN(dim, hidden)
+        self.conv2 = ConvBN(hidden, hidden, 3, groups=hidden)
+        self.conv3 = ConvBN(hidden, dim)
+
+    def forward(self, x):
+        y = F.gelu(self.conv2(F.gelu(self.conv1(x))))
+        return F.gelu(x + self.conv3(y))
+
+
+class PatchMerging(nn.Module):
+    """Change of width (and halving of the resolution unless stride is 1) between stages; NCHW."""
+
+    def __init__(self, dim: int, out_dim: int, stride: int):
+        super().__init__()
+        self.conv1 = ConvBN(dim, out_dim)
+        self.conv2 = ConvBN(out_dim, out_dim, 3, stride, groups=out_dim)
+        self.conv3 = ConvBN(out_dim, out_dim)
+
+    def forward(self, x):
+        return self.conv3(F.gelu(self.conv2(F.gelu(self.conv1(x)))))
+
+
+def window_bias_index(window: int):
+    """(L, L) index of token pair -> offset (|dy|, |dx|) in the attention_biases table, L = window².
+
+    The checkpoint numbers offsets in order of first appearance over row-major token pairs; the
+    first token (0, 0) already meets every offset, in row-major order, so index = |dy| * window + |dx|.
+    """
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    return (ys[:, None] - ys[None, :]).abs() * window + (xs[:, None] - xs[None, :]).abs()
+
+
+class WindowAttention(nn.Module):
+    """Multi-head attention inside one window; (N, L, C) -> (N, L, C), normalising its input first."""
+
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attention_biases = nn.Parameter(torch.zeros(heads, window * window))
+        self.register_buffer("bias_index", window_bias_index(window), persistent=False)
+
+    def forward(self, x):
+        n, length, dim = x.shape
+        head_dim = dim // self.heads
+        # The checkpoint's qkv rows are grouped per head as [q | k | v] of head_dim each.
+        qkv = self.qkv(self.norm(x)).view(n, length, self.heads, 3, head_dim).permute(3, 0, 2, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = (q @ k.transpose(-2, -1)) * head_dim ** -0.5 + self.attention_biases[:, self.bias_index]
+        out = scores.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def to_windows(x, window: int):
+    """(B, H, W, C) -> (B * nH * nW, window², C), zero-padding bottom and right edges."""
+    b, h, w, c = x.shape
+    pad_h, pad_w = -h % window, -w % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    nh, nw = (h + pad_h) // window, (w + pad_w) // window
+    x = x.view(b, nh, window, nw, window, c).transpose(2, 3)
+    return x.reshape(b * nh * nw, window * window, c)
+
+
+def from_windows(x, b: int, h: int, w: int, window: int):
+    """Inverse of :func:`to_windows`, cropping the padding: -> (B, H, W, C)."""
+    c = x.shape[-1]
+    nh, nw = -(-h // window), -(-w // window)
+    x = x.view(b, nh, nw, window, window, c).transpose(2, 3).reshape(b, nh * window, nw * window, c)
+    return x[:, :h, :w]
+
+
+class TinyViTBlock(nn.Module):
+    """Windowed attention, depthwise local conv, MLP. Works on (B, H, W, C)."""
+
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__()
+        self.window = window
+        self.attn = WindowAttention(dim, heads, window)
+        self.mlp = Mlp(dim, dim * MLP_RATIO)
+        self.local_conv = ConvBN(dim, dim, 3, groups=dim)
+
+    def forward(self, x):
+        b, h, w, _ = x.shape
+        x = x + from_windows(self.attn(to_windows(x, self.window)), b, h, w, self.window)
+        x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.mlp(x)
+
+
+class Stage(nn.Module):
+    """Blocks at one resolution, then (except the last stage) the patch merging into the next."""
+
+    def __init__(self, blocks, downsample: Optional[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+
+class LayerNorm2d(nn.Module):
+    """SAM's layer norm over the channels of an NCHW tensor."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class TinyViTEncoder(nn.Module):
+    """LiteMedSAM's image encoder: (B, 3, 256, 256) in [0, 1] -> (B, 256, 64, 64)."""
+
+    def __init__(self):
+        super().__init__()
+        d = EMBED_DIMS
+        self.patch_embed = nn.Module()
+        self.patch_embed.seq = nn.Sequential(ConvBN(3, d[0] // 2), nn.GELU(), ConvBN(d[0] // 2, d[0]))
+        layers = [Stage([MBConv(d[0]) for _ in range(DEPTHS[0])], PatchMerging(d[0], d[1], stride=2))]
+        for i in range(1, 4):
+            blocks = [TinyViTBlock(d[i], NUM_HEADS[i], WINDOWS[i]) for _ in range(DEPTHS[i])]
+            # The last merging keeps 64 x 64: the stage-3 tokens already match SAM's embedding grid.
+            merge = PatchMerging(d[i], d[i + 1], stride=2 if i == 1 else 1) if i < 3 else None
+            layers.append(Stage(blocks, merge))
+        self.layers = nn.ModuleList(layers)
+        self.neck = nn.Sequential(
+            nn.Conv2d(d[3], NECK_DIM, 1, bias=False),
+            LayerNorm2d(NECK_DIM),
+            nn.Conv2d(NECK_DIM, NECK_DIM, 3, padding=1, bias=False),
+            LayerNorm2d(NECK_DIM),
+        )
+
+    def forward(self, x):
+        x = self.patch_embed.seq(x)
+        for block in self.layers[0].blocks:
+            x = block(x)
+        x = self.layers[0].downsample(x).permute(0, 2, 3, 1)  # NHWC for the transformer stages
+        for stage in self.layers[1:]:
+            for block in stage.blocks:
+                x = block(x)
+            if stage.downsample is not None:
+                x = stage.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.neck(x.permute(0, 3, 1, 2))
