@@ -1,8 +1,10 @@
 """The "MedSAM" Segment Editor effect: box prompts on slices, propagation in 3D.
 
-Thin Qt glue. Geometry, writing, intensity, the engine factory and the inference worker live in
-MedSAMSlicerLib (plain functions tested with slicer-core; numpy only at import); the engine (torch)
-only runs on the persistent worker thread and is imported there, never when Slicer loads this file.
+Widgets and events only. What a request does (jobs on the inference worker, results written through
+the editor under one undo state, the checks that stop a job whose target changed) is
+MedSAMSlicerLib.actions.ActionRunner, Qt-free and tested with slicer-core; geometry, writing,
+intensity, the engine factory and the worker live beside it. The engine (torch) only runs on the
+persistent worker thread and is imported there, never when Slicer loads this file.
 """
 from __future__ import annotations
 
@@ -19,16 +21,6 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 __all__ = ["SegmentEditorEffect"]
 
 POLL_MS = 40
-# keysym -> action, while the mouse is over a slice view and the effect is active
-SHORTCUTS = {
-    "u": "up",
-    "j": "down",
-    "p": "both",
-    "i": "interpolate",
-    "Return": "accept",
-    "KP_Enter": "accept",
-    "Escape": "cancel",
-}
 
 
 def _ensure_lib_path():
@@ -41,15 +33,17 @@ def _ensure_lib_path():
 
 
 _ensure_lib_path()
-from MedSAMSlicerLib import engines, geometry, intensity, worker, writing  # noqa: E402
+from MedSAMSlicerLib import actions, engines, geometry, intensity, jobs, writing  # noqa: E402
 
 
 class _Outline:
-    """A yellow polyline (vtkActor2D) in one slice view, in display XY."""
+    """A polyline (vtkActor2D) in one slice view. It remembers what it outlines (a voxel box or a mask
+    on a slice) and recomputes its display XY when the view pans, zooms or changes slice."""
 
     def __init__(self, scriptedEffect, viewWidget, color=(1.0, 0.85, 0.0), width=2):
         self.scriptedEffect = scriptedEffect
         self.viewWidget = viewWidget
+        self.shape = None  # (grid, axis, index, box or None, mask or None)
         self.points = vtk.vtkPoints()
         self.lines = vtk.vtkCellArray()
         self.polyData = vtk.vtkPolyData()
@@ -74,9 +68,7 @@ class _Outline:
             for i in range(n):
                 self.lines.InsertCellPoint(i)
             self.lines.InsertCellPoint(0)
-        self.points.Modified()
-        self.lines.Modified()
-        self.polyData.Modified()
+        self.modified()
 
     def setSegments(self, segments):
         self.points.Reset()
@@ -87,77 +79,68 @@ class _Outline:
             self.lines.InsertNextCell(2)
             self.lines.InsertCellPoint(i0)
             self.lines.InsertCellPoint(i1)
+        self.modified()
+
+    def modified(self):
         self.points.Modified()
         self.lines.Modified()
         self.polyData.Modified()
+
+    def follow(self, grid, axis, index, box=None, mask=None):
+        """Outline a voxel box, or a mask's boundary, on slice `index`; kept in place by update()."""
+        self.shape = (grid, axis, index, box, mask)
+        self.update()
+
+    def update(self):
+        if self.shape is None:
+            return
+        grid, axis, index, box, mask = self.shape
+        sliceNode = self.viewWidget.sliceLogic().GetSliceNode()
+        xy = geometry.overlay_xy(sliceNode, grid, axis, index, box2d=box, mask=mask)
+        if mask is None:
+            self.setPolygon(xy)
+        else:
+            self.setSegments(xy)
 
     def remove(self):
         self.scriptedEffect.removeActor2D(self.viewWidget, self.actor)
 
 
-class _SessionHolder:
-    """The engine session for the current source image and window. Touched on the worker thread only."""
+class _Host:
+    """What ActionRunner asks of the editor, answered through the scripted effect."""
 
-    def __init__(self):
-        self.key = None
-        self.session = None
+    def __init__(self, effect):
+        self.effect = effect
 
-    def get(self, provider, key, volume, window_spec):
-        choice, display_wl, custom = window_spec
-        window = intensity.window_for(choice, volume, display_wl=display_wl, custom=custom)
-        if self.session is None or self.key != key or volume is not None:
-            if volume is None:
-                raise RuntimeError("the source image changed: draw the box again")
-            if self.session is not None:
-                self.session.close()
-            self.session = provider.session(volume, window)
-            self.key = key
-        elif getattr(self.session, "window", None) != window:
-            self.session.set_window(window)
-        return self.session, window
+    def editor_node(self):
+        return self.effect.scriptedEffect.parameterSetNode()
 
+    def source_image(self):
+        # the source volume resampled to the segmentation's geometry: what MedSAM sees and writes onto
+        return self.effect.scriptedEffect.sourceVolumeImageData()
 
-def _job_slice(job, holder, provider, key, volume, window_spec, axis, index, box):
-    session, window = holder.get(provider, key, volume, window_spec)
-    mask, score = session.segment_slice(axis, index, box)
-    # The next prompt is usually a neighbour (a redraw, propagation): embed them in the background.
-    session.focus(axis, index)
-    return {"masks": {index: mask}, "score": score, "window": window}
+    def save_state_for_undo(self):
+        self.effect.scriptedEffect.saveStateForUndo()
 
+    def modifier(self, segmentationNode, segmentId):
+        # modifySelectedSegmentByLabelmap (Slicer 5.8 and later); the runner has checked that the
+        # selected segment is still segmentId before every write
+        return writing.effect_modifier(self.effect.scriptedEffect)
 
-def _stop_rules(max_slices, overrides=None):
-    from medsam_slicer.propagation import StopRules
+    def provider(self):
+        return self.effect.provider()
 
-    options = dict(overrides or {})
-    options["max_slices"] = max_slices if max_slices and max_slices > 0 else None
-    return StopRules(**options)
+    def window_spec(self):
+        return self.effect.windowSpec()
 
+    def status(self, text, error=False):
+        self.effect.status(text, error)
 
-def _job_3d(job, holder, provider, key, volume, window_spec, kind, axis, args, max_slices, rule_overrides=None):
-    session, window = holder.get(provider, key, volume, window_spec)
+    def progress(self, percent):
+        self.effect.showProgress(percent)
 
-    def progress(index, mask, done, total):
-        job.report((int(index), mask, int(done), int(total)))
-
-    common = dict(progress=progress, cancel=job.cancel_event)
-    if kind == "propagate":
-        seed_index, seed_box, seed_mask, direction = args
-        result = session.propagate(axis, seed_index, seed_box=seed_box, seed_mask=seed_mask, direction=direction,
-                                   rules=_stop_rules(max_slices, rule_overrides), **common)
-    elif kind == "box3d":
-        box2d, first, last = args
-        result = session.segment_box3d(axis, box2d, first, last, **common)
-    elif kind == "keys":
-        (key_boxes,) = args
-        result = session.segment_key_slices(axis, key_boxes, **common)
-    elif kind == "repropagate":
-        masks, corrected_index, corrected_mask, seed_index = args
-        result = session.repropagate(axis, masks, corrected_index, corrected_mask, seed_index,
-                                     rules=_stop_rules(max_slices, rule_overrides), **common)
-    else:
-        raise ValueError(kind)
-    return {"masks": dict(result.masks), "stop_reasons": dict(result.stop_reasons), "cancelled": result.cancelled,
-            "window": window}
+    def show_preview(self, action, mask):
+        self.effect.showPreview(action, mask)
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -170,19 +153,24 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.drag = None  # {"view", "xy0", "xy1", "outline", "preview"}
         self.outlines = {}  # viewWidget -> _Outline of the last box / preview contour
-        self.holder = _SessionHolder()
-        self.sessionKey = None
-        self.job = None  # the running job and its action context
-        self.action = None
-        self.lastSeed = None  # (axis, index, box) of the last box written
         self.lastView = None
-        self.keyBoxes = {}  # axis -> {index: box}
-        self.previewResult = None  # (axis, index, mask, viewWidget, image key)
-        self.active = False
-        self.ruleOverrides = {}  # StopRules fields to override (the self-test relaxes them)
+        self.runner = actions.ActionRunner(_Host(self))
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.pollWorker)
+
+    @property
+    def job(self):
+        """The running job, or None (the self-test waits on it)."""
+        return self.runner.action.job if self.runner.action is not None else None
+
+    @property
+    def ruleOverrides(self):
+        return self.runner.rule_overrides
+
+    @ruleOverrides.setter
+    def ruleOverrides(self, value):
+        self.runner.rule_overrides = dict(value or {})
 
     def cleanup(self):
         self.timer.stop()
@@ -207,13 +195,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def helpText(self):
         return """<html>Segment with <b>MedSAM</b> (ViT-B) from a box.<br>
 <b>Left-drag</b> a box around the structure in a slice view: that slice is segmented into the selected
-segment (drawing again on the slice replaces it). <b>Shift-drag</b> (or <i>Preview only</i>) shows the
-result without writing it; <b>Enter</b> accepts a preview. <b>Esc</b> cancels a drag or a running job.<br>
+segment (drawing again replaces what the box touches on that slice). <b>Shift-drag</b> (or <i>Preview
+only</i>) shows the result without writing it; <b>Enter</b> accepts a preview. <b>c</b> cancels a drag,
+a running job or a preview (Esc leaves the effect, which stops a running job too).<br>
 3D: <b>u</b> / <b>j</b> / <b>p</b> propagate up / down / both from the current slice; key slices: draw boxes
-on several slices with <i>Key slices</i> on, then <b>i</b> (Interpolate); <i>Segment in ROI</i> uses a markups ROI.
+on several slices with <i>Key slices</i> on, then <b>k</b> (Interpolate); <i>Segment in ROI</i> uses a markups ROI.
 After correcting a slice by hand, <i>Re-propagate</i> recomputes the slices beyond it.<br>
-The editable area, editable intensity range and overwrite settings apply; one Ctrl+Z undoes a whole
-propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
+A job writes into the segment selected when it started: selecting another segment, undoing or changing
+the source volume stops it. The editable area, editable intensity range and overwrite settings apply;
+one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
 
     # ------------------------------------------------------------------ options
 
@@ -267,7 +257,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         self.maxSlices.toolTip = "At most this many slices per direction (0: until a stop rule or the volume's edge)."
         self.scriptedEffect.addLabeledOptionsWidget("Max slices:", self.maxSlices)
 
-        self.interpolateButton = qt.QPushButton("Interpolate key slices (i)")
+        self.interpolateButton = qt.QPushButton("Interpolate key slices (k)")
         self.clearKeysButton = qt.QPushButton("Clear key slices")
         self.repropagateButton = qt.QPushButton("Re-propagate from this slice")
         self.repropagateButton.toolTip = ("After correcting the current slice by hand: recompute only the slices "
@@ -298,7 +288,7 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         self.progressBar = qt.QProgressBar()
         self.progressBar.setRange(0, 100)
         self.progressBar.visible = False
-        self.cancelButton = qt.QPushButton("Cancel")
+        self.cancelButton = qt.QPushButton("Cancel (c)")
         self.cancelButton.visible = False
         self.cancelButton.connect("clicked()", self.cancelJob)
         progressRow = qt.QHBoxLayout()
@@ -365,30 +355,35 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             self.windowLabel.text = ""
 
     def sourceVolumeNodeChanged(self):
-        self.sessionKey = None
-        self.keyBoxes = {}
+        # what runs on the old volume stops (on the worker too); key slices and the preview are dropped
+        self.runner.source_changed()
+        self.clearOutlines()
         self.updateWindowLabel()
+
+    def masterVolumeNodeChanged(self):  # name used before Slicer 5.4
+        self.sourceVolumeNodeChanged()
 
     # ------------------------------------------------------------------ activation
 
     def activate(self):
-        self.active = True
-        self.timer.start()
         self.updateWindowLabel()
 
     def deactivate(self):
-        self.active = False
+        # Esc (the editor's own shortcut) lands here: nothing may keep writing once the effect and its
+        # Cancel button are gone
         self.cancelDrag()
         self.clearOutlines()
-        if self.job is None:
-            self.timer.stop()
-        # a running job keeps streaming into the segment; Esc or Cancel stops it
+        if self.runner.busy:
+            self.runner.stop("MedSAM stopped: the effect was left. Slices already written are kept "
+                             "(Ctrl+Z removes them).", error=False)
+        self.timer.stop()
 
     def clearOutlines(self):
         for outline in self.outlines.values():
             outline.remove()
+            self.scriptedEffect.forceRender(outline.viewWidget)
         self.outlines = {}
-        self.previewResult = None
+        self.runner.preview = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -396,46 +391,22 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
         node = self.scriptedEffect.parameterSetNode()
         return node.GetSourceVolumeNode() if node is not None else None
 
-    def sourceImage(self):
-        """The source volume resampled to the segmentation's geometry: what MedSAM sees and writes onto."""
-        return self.scriptedEffect.sourceVolumeImageData()
-
-    def segmentationNode(self):
-        node = self.scriptedEffect.parameterSetNode()
-        return node.GetSegmentationNode() if node is not None else None
-
-    def grid(self, image):
-        return geometry.grid_of(image, geometry.image_to_world(image, self.segmentationNode()))
-
     def status(self, text, error=False):
         self.statusLabel.text = text
         self.statusLabel.setStyleSheet("color: #c0392b" if error else "")
-        if error:
-            logging.warning("MedSAM: %s", text)
+
+    def showProgress(self, percent):
+        """percent: 0..100 shows the bar and Cancel; None hides the bar (Cancel stays while a job runs)."""
+        self.progressBar.visible = percent is not None
+        if percent is not None:
+            self.progressBar.setValue(int(percent))
+        self.cancelButton.visible = self.runner.busy
 
     def windowSpec(self):
-        choice = self.scriptedEffect.parameter("Window") or "display"
-        display_wl = intensity.display_width_level(self.sourceVolumeNode()) if choice == "display" else None
+        choice = self.scriptedEffect.parameter("Window") or intensity.DISPLAY
+        displayWL = intensity.display_width_level(self.sourceVolumeNode()) if choice == intensity.DISPLAY else None
         custom = (self.scriptedEffect.doubleParameter("WindowWidth"), self.scriptedEffect.doubleParameter("WindowLevel"))
-        return (choice, display_wl, custom if choice == "custom" else None)
-
-    def imageKey(self, image):
-        volume = self.sourceVolumeNode()
-        return (volume.GetID() if volume else None, image.GetMTime(),
-                volume.GetImageData().GetMTime() if volume and volume.GetImageData() else 0, tuple(image.GetExtent()))
-
-    def readyToRun(self):
-        """The module's dependency/weights check; False (with a message) when something is missing."""
-        provider = self.provider()
-        missing = engines.missing_modules(provider.settings.mode)
-        if missing:
-            self.status("Missing Python packages ({}): install them from the MedSAM Slicer module.".format(", ".join(missing)),
-                        error=True)
-            return False
-        if self.job is not None:
-            self.status("MedSAM is busy: wait or press Cancel (Esc).")
-            return False
-        return True
+        return jobs.window_spec(choice, displayWL, custom)
 
     def provider(self):
         try:
@@ -446,29 +417,94 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             logging.debug("MedSAMSlicer module unavailable, default engine settings", exc_info=True)
             return engines.shared_provider()
 
-    def submit(self, fn, action, *args):
-        """Runs fn(job, holder, provider, sessionKey, volume, windowSpec, *args) on the worker; action: context."""
-        image = self.sourceImage()
-        key = self.imageKey(image)
-        provider = self.provider()
-        # A new session (with the image sent again) when the image or the engine settings changed: the old
-        # session still holds the engine that was loaded for the old settings.
-        sessionKey = (key, provider.settings.key())
-        volume = None
-        if sessionKey != self.sessionKey or self.holder.session is None:
-            volume = writing.image_to_array(image)  # a copy: the worker never sees VTK memory
-        action.update({"key": key, "image": image, "undoSaved": False, "written": {}})
-        self.action = action
-        self.job = worker.shared_worker().submit(fn, self.holder, provider, sessionKey, volume, self.windowSpec(), *args,
-                                                 tag=action.get("kind"))
-        self.sessionKey = sessionKey
-        self.timer.start()
-        busy = action.get("kind") != "slice"
-        self.progressBar.visible = busy
-        self.cancelButton.visible = busy
-        self.progressBar.setValue(0)
-        loading = "" if provider.loaded else " (loading the model first: this can take a while)"
-        self.status("MedSAM: {}...{}".format(action.get("label", "working"), loading))
+    def sliceNodeOf(self, viewWidget):
+        return viewWidget.sliceLogic().GetSliceNode() if viewWidget is not None else None
+
+    def currentView(self):
+        """The slice view a button press works in: the last one used, else the first visible slice view
+        of the layout whose plane follows the volume's axes (the layout may have no Red view)."""
+        if self.lastView is not None:
+            return self.lastView
+        image = self.scriptedEffect.sourceVolumeImageData()
+        layoutManager = slicer.app.layoutManager()
+        if image is None or layoutManager is None:
+            return None
+        views = []
+        for name in layoutManager.sliceViewNames():
+            widget = layoutManager.sliceWidget(name)
+            if widget is not None and widget.isVisible():
+                views.append((widget, widget.mrmlSliceNode()))
+        found = actions.first_aligned_view(views, self.runner.grid(image))
+        return found[0] if found is not None else None
+
+    def started(self, action):
+        """After a request: poll only while a job runs."""
+        if self.runner.busy:
+            self.timer.start()
+            self.cancelButton.visible = True
+        return action
+
+    # ------------------------------------------------------------------ requests
+
+    def propagate(self, direction):
+        view = self.currentView()
+        self.started(self.runner.propagate(self.sliceNodeOf(view), direction, self.maxSlices.value))
+
+    def repropagate(self):
+        view = self.currentView()
+        self.started(self.runner.repropagate(self.sliceNodeOf(view), self.maxSlices.value))
+
+    def interpolateKeySlices(self):
+        view = self.currentView()
+        self.started(self.runner.interpolate(self.sliceNodeOf(view)))
+
+    def clearKeySlices(self):
+        self.runner.clear_key_slices()
+
+    def segmentInRoi(self):
+        view = self.currentView()
+        self.started(self.runner.segment_in_roi(self.sliceNodeOf(view), self.roiSelector.currentNode()))
+
+    def cancelJob(self):
+        self.runner.cancel()
+
+    def pollWorker(self):
+        if not self.runner.poll():
+            self.timer.stop()
+            self.cancelButton.visible = False
+
+    # ------------------------------------------------------------------ outlines
+
+    def grid(self):
+        image = self.scriptedEffect.sourceVolumeImageData()
+        return self.runner.grid(image) if image is not None else None
+
+    def outline(self, viewWidget, color):
+        outline = self.outlines.get(viewWidget)
+        if outline is None:
+            outline = self.outlines[viewWidget] = _Outline(self.scriptedEffect, viewWidget, width=1)
+        outline.actor.GetProperty().SetColor(*color)
+        return outline
+
+    def showBox(self, action):
+        grid = self.grid()
+        if grid is None or action.view is None:
+            return
+        self.outline(action.view, (1.0, 0.85, 0.0)).follow(grid, action.axis, action.index, box=action.box)
+        self.scriptedEffect.forceRender(action.view)
+
+    def showPreview(self, action, mask):
+        grid = self.grid()
+        if grid is None or action.view is None:
+            return
+        self.outline(action.view, (0.2, 1.0, 0.4)).follow(grid, action.axis, action.index, mask=mask)
+        self.scriptedEffect.forceRender(action.view)
+
+    def processViewNodeEvents(self, callerViewNode, eventId, viewWidget):
+        # pan, zoom, slice change: outlines are kept on their voxels (hidden off their slice)
+        outline = self.outlines.get(viewWidget)
+        if outline is not None:
+            outline.update()
 
     # ------------------------------------------------------------------ interaction
 
@@ -513,25 +549,24 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
             self.drag = None
 
     def onKey(self, keysym, viewWidget):
-        action = SHORTCUTS.get(keysym)
+        action = actions.SHORTCUTS.get(keysym)
         if action is None:
             return False
         self.lastView = viewWidget
         if action == "cancel":
             if self.drag is not None:
                 self.cancelDrag()
-            elif self.job is not None:
-                self.cancelJob()
-            elif self.previewResult is not None:
+            elif self.runner.cancel():
+                pass
+            elif self.runner.discard_preview():
                 self.clearOutlines()
-                self.scriptedEffect.forceRender(viewWidget)
             else:
                 return False
             return True
         if action == "accept":
-            if self.previewResult is None:
+            if not self.runner.accept_preview():
                 return False
-            self.acceptPreview()
+            self.clearOutlines()
             return True
         if action == "interpolate":
             self.interpolateKeySlices()
@@ -541,289 +576,9 @@ propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
 
     def onBox(self, drag):
         viewWidget = drag["view"]
-        if abs(drag["xy1"][0] - drag["xy0"][0]) < 2 or abs(drag["xy1"][1] - drag["xy0"][1]) < 2:
-            self.status("Drag a box around the structure (the box was too small).")
-            return
-        image = self.sourceImage()
-        if image is None:
-            self.status("Select a source volume first.", error=True)
-            return
-        sliceNode = viewWidget.sliceLogic().GetSliceNode()
-        try:
-            axis, index, box = geometry.xy_box_to_ijk_box(sliceNode, drag["xy0"], drag["xy1"], self.grid(image))
-        except (geometry.ObliqueViewError, geometry.OutsideVolumeError) as exc:
-            self.status(str(exc), error=True)
-            return
-        if not self.readyToRun():
-            return
         self.lastView = viewWidget
-        self.showBox(viewWidget, axis, index, box, image)
-        preview = drag["preview"]
-        if self.keySliceCheck.checked and not preview:
-            self.keyBoxes.setdefault(axis, {})[index] = box
-        self.submit(_job_slice, {"kind": "slice", "axis": axis, "index": index, "box": box, "preview": preview,
-                                 "view": viewWidget, "label": f"segmenting slice {index}"},
-                    axis, index, box)
-
-    def showBox(self, viewWidget, axis, index, box, image):
-        sliceNode = viewWidget.sliceLogic().GetSliceNode()
-        outline = self.outlines.get(viewWidget)
-        if outline is None:
-            outline = self.outlines[viewWidget] = _Outline(self.scriptedEffect, viewWidget, color=(1.0, 0.85, 0.0), width=1)
-        outline.setPolygon(geometry.box_outline_xy(sliceNode, self.grid(image), axis, index, box))
-        self.scriptedEffect.forceRender(viewWidget)
-
-    def showPreview(self, viewWidget, axis, index, mask, image):
-        sliceNode = viewWidget.sliceLogic().GetSliceNode()
-        segments = geometry.mask_outline_segments(mask)
-        grid = self.grid(image)
-        xy = geometry.slice_points_to_xy(sliceNode, grid, axis, index, segments.reshape(-1, 2)).reshape(-1, 2, 2)
-        outline = self.outlines.get(viewWidget)
-        if outline is None:
-            outline = self.outlines[viewWidget] = _Outline(self.scriptedEffect, viewWidget, width=1)
-        outline.actor.GetProperty().SetColor(0.2, 1.0, 0.4)
-        outline.setSegments(xy)
-        self.previewResult = (axis, index, mask, viewWidget, self.imageKey(image))
-        self.scriptedEffect.forceRender(viewWidget)
-
-    def acceptPreview(self):
-        axis, index, mask, viewWidget, key = self.previewResult
-        image = self.sourceImage()
-        if image is None or self.imageKey(image) != key:
-            self.status("The source volume changed since the preview: draw the box again.", error=True)
-            return
-        self.scriptedEffect.saveStateForUndo()
-        self.writeMasks({index: mask}, axis, image)
-        self.clearOutlines()
-        self.scriptedEffect.forceRender(viewWidget)
-        self.status(f"Preview written to slice {index}.")
-
-    # ------------------------------------------------------------------ 3D actions
-
-    def currentSlice(self):
-        """(view, axis, index) of the last used slice view (else Red), or None after telling the user why
-        there is none (no source volume, oblique view, plane outside the volume)."""
-        view = self.lastView
-        if view is None:
-            view = slicer.app.layoutManager().sliceWidget("Red")
-        image = self.sourceImage()
-        if image is None:
-            self.status("Select a source volume first.", error=True)
-            return None
-        try:
-            axis, index = geometry.view_axis_and_slice(view.sliceLogic().GetSliceNode(), self.grid(image))
-        except ValueError as exc:
-            self.status(str(exc), error=True)
-            return None
-        return view, axis, index
-
-    def segmentSlices(self, axis, indices=None):
-        """{index: bool mask} of the selected segment (indices None: its non-empty slices)."""
-        node = self.scriptedEffect.parameterSetNode()
-        return writing.segment_slices(self.segmentationNode(), node.GetSelectedSegmentID(), self.sourceImage(), axis,
-                                      indices)
-
-    def propagate(self, direction):
-        current = self.currentSlice()
-        if current is None or not self.readyToRun():
-            return
-        view, axis, index = current
-        seedMask = self.segmentSlices(axis, [index])[index]
-        seedBox = None
-        if not seedMask.any():
-            if self.lastSeed and self.lastSeed[:2] == (axis, index):
-                seedMask, seedBox = None, self.lastSeed[2]
-            else:
-                self.status(f"Slice {index} of the selected segment is empty: draw a box on it first.", error=True)
-                return
-        if direction != "both":
-            # "up" = the direction in which the view's slice moves forward
-            sign = geometry.index_direction_of_view_up(view.sliceLogic().GetSliceNode(), self.grid(self.sourceImage()), axis)
-            if sign < 0:
-                direction = "down" if direction == "up" else "up"
-        self.submit(_job_3d, {"kind": "propagate", "axis": axis, "label": f"propagating from slice {index}"},
-                    "propagate", axis, (index, seedBox, seedMask, direction), self.maxSlices.value,
-                    self.ruleOverrides)
-
-    def repropagate(self):
-        current = self.currentSlice()
-        if current is None or not self.readyToRun():
-            return
-        view, axis, index = current
-        masks = self.segmentSlices(axis)
-        corrected = masks.get(index)
-        if corrected is None:
-            self.status(f"Correct slice {index} first (it is empty).", error=True)
-            return
-        seed = self.lastSeed[1] if self.lastSeed and self.lastSeed[0] == axis else index
-        self.submit(_job_3d, {"kind": "repropagate", "axis": axis, "label": f"re-propagating from slice {index}"},
-                    "repropagate", axis, (masks, index, corrected, seed), self.maxSlices.value,
-                    self.ruleOverrides)
-
-    def interpolateKeySlices(self):
-        current = self.currentSlice()
-        if current is None:
-            return
-        view, axis, index = current
-        keys = dict(self.keyBoxes.get(axis, {}))
-        if len(keys) < 2:
-            self.status("Turn on Key slices and draw boxes on at least two slices of this view first.", error=True)
-            return
-        if not self.readyToRun():
-            return
-        self.submit(_job_3d, {"kind": "keys", "axis": axis, "label": f"interpolating {len(keys)} key slices"},
-                    "keys", axis, (keys,), 0)
-
-    def clearKeySlices(self):
-        self.keyBoxes = {}
-        self.status("Key slices cleared.")
-
-    def segmentInRoi(self):
-        roi = self.roiSelector.currentNode()
-        if roi is None:
-            self.status("Select a markups ROI first.", error=True)
-            return
-        current = self.currentSlice()
-        if current is None:
-            return
-        view, axis, index = current
-        try:
-            lo, hi = geometry.ras_box_to_ijk_box3d(self.grid(self.sourceImage()), *geometry.roi_ras_bounds(roi))
-        except ValueError as exc:  # the ROI is off the volume, or the segmentation's transform is non-linear
-            self.status(str(exc), error=True)
-            return
-        if not self.readyToRun():
-            return
-        xa, ya = geometry.IN_PLANE[axis]
-        n = geometry.AXES.index(axis)
-        box2d = (lo[xa], lo[ya], hi[xa], hi[ya])
-        self.submit(_job_3d, {"kind": "box3d", "axis": axis, "label": "segmenting the ROI"},
-                    "box3d", axis, (box2d, lo[n], hi[n]), 0)
-
-    def cancelJob(self):
-        if self.job is not None:
-            self.job.cancel()
-            self.status("Cancelling... (slices already written are kept; Ctrl+Z removes them all)")
-
-    # ------------------------------------------------------------------ results (main thread)
-
-    def writeMasks(self, masks, axis, image):
-        writing.write_slices(writing.effect_modifier(self.scriptedEffect), image, masks, axis)
-
-    def writeForAction(self, masks):
-        action = self.action
-        image = self.sourceImage()
-        if image is None or self.imageKey(image) != action["key"]:
-            raise RuntimeError("the source volume or segmentation geometry changed while MedSAM was running; "
-                               "the result was not written")
-        if not action["undoSaved"]:
-            self.scriptedEffect.saveStateForUndo()  # once per user action: one Ctrl+Z undoes it all
-            action["undoSaved"] = True
-        self.writeMasks(masks, action["axis"], image)
-        action["written"].update(masks)  # index -> mask as written
-
-    def pollWorker(self):
-        if self.job is None:
-            if not self.active:
-                self.timer.stop()
-            return
-        events = self.job.poll()
-        pending = {}
-        for kind, payload in events:
-            if self.job is None:
-                break
-            try:
-                if kind == worker.PROGRESS:
-                    index, mask, done, total = payload
-                    pending[index] = mask
-                    self.progressBar.setValue(int(100 * done / max(total, 1)))
-                    self.status(f"MedSAM: {self.action.get('label')} ({done}/{total})")
-                elif kind == worker.DONE:
-                    if pending:
-                        self.writeForAction(pending)
-                        pending = {}
-                    self.finishAction(payload)
-                elif kind in (worker.ERROR, worker.CANCELLED):
-                    if pending:
-                        self.writeForAction(pending)
-                        pending = {}
-                    self.failAction(payload if kind == worker.ERROR else None)
-            except Exception as exc:  # writing failed: report, keep Slicer going
-                logging.exception("MedSAM: applying the result failed")
-                self.failAction((exc, ""))
-                pending = {}
-        if pending and self.action is not None:
-            try:
-                self.writeForAction(pending)
-            except Exception as exc:
-                logging.exception("MedSAM: writing slices failed")
-                self.status(str(exc), error=True)
-
-    def finishAction(self, result):
-        if self.action["kind"] == "slice":
-            self.finishSlice(result)
-        else:
-            self.finishVolume(result)
-        self.endAction()
-
-    def finishSlice(self, result):
-        action = self.action
-        index = action["index"]
-        mask = result["masks"][index]
-        score = result["score"]
-        if not mask.any():
-            self.status(f"MedSAM found nothing in the box on slice {index}.")
-        if action["preview"]:
-            self.showPreview(action["view"], action["axis"], index, mask, action["image"])
-            self.status(f"Preview of slice {index} (score {score:.2f}): Enter writes it, Esc discards it.")
-        else:
-            self.writeForAction({index: mask})
-            self.lastSeed = (action["axis"], index, action["box"])
-            window = intensity.describe(result["window"])
-            self.status(f"Slice {index} segmented (score {score:.2f}, {window}). Propagate with u / j / p.")
-
-    def finishVolume(self, result):
-        # Slices streamed during the run are raw; the final result is post-processed in 3D (components
-        # anchored to the seed) and may drop slices: rewrite what differs, clear what was dropped.
-        import numpy as np
-
-        masks = result["masks"]
-        written = self.action["written"]
-        fix = {i: m for i, m in masks.items() if i not in written or not np.array_equal(written[i], m)}
-        for i, m in written.items():
-            if i not in masks:
-                fix[i] = np.zeros_like(m)
-        if fix:
-            self.writeForAction(fix)
-        reasons = ", ".join("{}: {}".format(*kv) for kv in result.get("stop_reasons", {}).items())
-        done = "cancelled, kept" if result.get("cancelled") else "done:"
-        self.status("MedSAM {} {} slices{}.".format(done, len(masks), (" (" + reasons + ")") if reasons else ""))
-
-    def failAction(self, error):
-        if error is None:
-            written = len(self.action["written"]) if self.action else 0
-            self.status(f"Cancelled; {written} slices kept (Ctrl+Z removes them).")
-        else:
-            exc, tb = error
-            if tb:
-                logging.error("MedSAM failed:\n%s", tb)
-            self.status(self.describeError(exc), error=True)
-        self.endAction()
-
-    def describeError(self, exc):
-        try:
-            from medsam_slicer.errors import MedSAMError
-
-            if isinstance(exc, MedSAMError):
-                return str(exc)
-        except ImportError:
-            pass
-        if isinstance(exc, ImportError):
-            return f"A Python package is missing ({exc}): install it from the MedSAM Slicer module."
-        return f"MedSAM failed: {type(exc).__name__}: {exc}"
-
-    def endAction(self):
-        self.job = None
-        self.action = None
-        self.progressBar.visible = False
-        self.cancelButton.visible = False
+        action = self.runner.draw_box(self.sliceNodeOf(viewWidget), drag["xy0"], drag["xy1"], preview=drag["preview"],
+                                      key_slice=self.keySliceCheck.checked, view=viewWidget)
+        if action is not None:
+            self.showBox(action)
+        self.started(action)

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -100,66 +100,92 @@ def test_connection(settings: EngineSettings) -> str:
 
 
 class EngineProvider:
-    """Holds the loaded engine for the current settings and hands out sessions (worker thread only)."""
+    """Holds the loaded engine for the current settings and hands out sessions.
+
+    ``engine()`` and ``session()`` run on the inference worker (they may load torch and the model for
+    minutes). Everything else is for the main thread and never waits for a load: ``configure`` only
+    swaps the settings (a load under way finishes, and its engine is dropped on the next request if
+    the settings changed meanwhile), ``loaded`` / ``loading`` / ``describe_engine`` read plain fields.
+    """
 
     def __init__(self, settings: Optional[EngineSettings] = None):
         self.settings = settings or EngineSettings()
         self._engine = None
         self._engine_key: Optional[tuple] = None
-        self._lock = threading.Lock()
+        self._engine_settings: Optional[EngineSettings] = None  # the settings the engine was loaded with
+        self._load_lock = threading.Lock()  # one load at a time; held only by the thread loading
+        self.loading: Optional[str] = None  # what is being loaded right now ("MedSAM on cuda"), else None
         self.weights_path: Optional[str] = None
 
     def configure(self, settings: EngineSettings) -> None:
-        with self._lock:
-            if settings.key() != self.settings.key():
-                self._engine = None
-                self._engine_key = None
-            self.settings = settings
+        """New settings; never blocks (the next engine() request loads for them if they differ)."""
+        self.settings = settings  # one attribute store: atomic for the loading thread's snapshot
 
-    def weights(self, download_if_missing: bool = False) -> str:
+    def weights(self, download_if_missing: bool = False, settings: Optional[EngineSettings] = None) -> str:
         from medsam_slicer import weights
 
+        settings = settings or self.settings
         return weights.ensure_weights(
-            checkpoint=self.settings.checkpoint or None,
+            checkpoint=settings.checkpoint or None,
             download_if_missing=download_if_missing,
             progress=False,
-            cache=self.settings.cache_dir or None,
+            cache=settings.cache_dir or None,
         )
 
-    def engine(self):
-        with self._lock:
-            key = self.settings.key()
-            if self._engine is None or self._engine_key != key:
-                if self.settings.mode == "remote":
-                    self._engine = remote_engine(self.settings)
-                else:
-                    from medsam_slicer.engine import MedSAMEngine
+    def engine(self, status: Optional[Callable[[str], None]] = None):
+        """The engine for the current settings, loaded on first use (worker thread).
 
-                    self.weights_path = self.weights()
-                    self._engine = MedSAMEngine.from_checkpoint(
-                        self.weights_path, device=self.settings.device, precision=self.settings.precision
-                    )
-                self._engine_key = key
-            return self._engine
+        status(text): told what is loading, for the user (called from this thread)."""
+        return self._current(status)[0]
+
+    def _current(self, status=None):
+        """(engine, the settings it was loaded with)."""
+        with self._load_lock:
+            settings = self.settings  # a snapshot: configure() may swap it while we load
+            key = settings.key()
+            if self._engine is None or self._engine_key != key:
+                self._engine, self._engine_key = None, None  # free the old model before loading a new one
+                self.loading = settings.describe()
+                try:
+                    if status is not None:
+                        status(f"loading the {self.loading}: this can take a while")
+                    if settings.mode == "remote":
+                        engine = remote_engine(settings)
+                    else:
+                        from medsam_slicer.engine import MedSAMEngine
+
+                        self.weights_path = self.weights(settings=settings)
+                        engine = MedSAMEngine.from_checkpoint(
+                            self.weights_path, device=settings.device, precision=settings.precision
+                        )
+                finally:
+                    self.loading = None
+                self._engine, self._engine_key, self._engine_settings = engine, key, settings
+            return self._engine, self._engine_settings
 
     @property
     def loaded(self) -> bool:
-        return self._engine is not None
+        """An engine for the current settings is loaded (the next request needs no load)."""
+        return self._engine is not None and self._engine_key == self.settings.key()
 
-    def session(self, volume, window):
-        engine = self.engine()
-        if self.settings.mode == "remote":
+    def session(self, volume, window, status: Optional[Callable[[str], None]] = None):
+        engine, settings = self._current(status)
+        if settings.mode == "remote":
             return engine.open_session(volume, window)
         from medsam_slicer.session import LocalSession
 
         return LocalSession(engine, volume, window, background=True)  # neighbours embed while the user looks
 
     def describe_engine(self) -> str:
+        loading = self.loading
+        if loading:
+            return f"loading the {loading}..."
         engine = self._engine
         if engine is None:
             return "not loaded"
-        if self.settings.mode == "remote":
-            return f"remote: {self.settings.url}"
+        settings = self._engine_settings
+        if settings is not None and settings.mode == "remote":
+            return f"remote: {settings.url}"
         return f"{getattr(engine, 'model_id', 'MedSAM')} on {engine.device} ({engine.precision})"
 
 

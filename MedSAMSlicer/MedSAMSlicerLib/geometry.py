@@ -247,3 +247,24 @@ def mask_outline_segments(mask) -> np.ndarray:
     for y, x in zip(ys, xs):
         segs.append(((x - 0.5, y - 0.5), (x + 0.5, y - 0.5)))
     return np.array(segs, dtype=float).reshape(-1, 2, 2)
+
+
+def shows_slice(slice_node, grid_or_source, axis: str, index: int) -> bool:
+    """Whether the view shows slice `index` along `axis` now (after a pan, zoom or scroll)."""
+    try:
+        return view_axis_and_slice(slice_node, grid_or_source) == (axis, int(index))
+    except ValueError:  # oblique now, or off the volume
+        return False
+
+
+def overlay_xy(slice_node, grid_or_source, axis: str, index: int, box2d=None, mask=None) -> np.ndarray:
+    """Display XY of an outline drawn for a slice, for the view as it is now: the box's corners
+    (4, 2) or the mask's boundary edges (N, 2, 2); empty when the view no longer shows that slice.
+    Called again on every view change so the outline follows pans, zooms and slice changes."""
+    grid = _as_grid(grid_or_source)
+    if not shows_slice(slice_node, grid, axis, index):
+        return np.zeros((0, 2) if mask is None else (0, 2, 2))
+    if mask is None:
+        return box_outline_xy(slice_node, grid, axis, index, box2d)
+    segments = mask_outline_segments(mask)
+    return slice_points_to_xy(slice_node, grid, axis, index, segments.reshape(-1, 2)).reshape(-1, 2, 2)

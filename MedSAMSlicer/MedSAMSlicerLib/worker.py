@@ -121,12 +121,21 @@ class InferenceWorker:
             job.cancel()
             job._finish(CANCELLED, None)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Cancels every job and ends the thread; True when it ended within `timeout` seconds (a job in
+        the middle of a slice finishes that slice first)."""
         self.cancel_all()
         self._jobs.put(None)
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    @property
+    def alive(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
 
 _shared: Optional[InferenceWorker] = None
@@ -138,3 +147,10 @@ def shared_worker() -> InferenceWorker:
     if _shared is None:
         _shared = InferenceWorker()
     return _shared
+
+
+def stop_shared(timeout: float = 5.0) -> bool:
+    """Stops the process-wide worker's thread (at application exit); True when it ended in time."""
+    global _shared
+    shared, _shared = _shared, None
+    return shared.stop(timeout) if shared is not None else True

@@ -11,7 +11,7 @@ first keeps the new mask where the old slice content was. Nothing here touches t
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -69,14 +69,17 @@ def make_labelmap(reference_image, extent, values_kji: np.ndarray):
     return labelmap
 
 
-def slice_modifiers(reference_image, masks: Dict[int, np.ndarray], axis: str):
+def slice_modifiers(reference_image, masks: Dict[int, np.ndarray], axis: str,
+                    regions: Optional[Dict[int, np.ndarray]] = None):
     """(extent, remove labelmap, add labelmap) for replacing slices `masks` ({index: bool (H, W)}).
 
-    add is the masks; remove is the rest of those slices (never the slab's other slices)."""
+    add is the masks; remove is the rest of those slices (never the slab's other slices), or only
+    the part of `regions[index]` outside the mask for the slices that have a region."""
     from medsam_slicer import slicing
 
     if not masks:
         raise ValueError("no slices to write")
+    regions = regions or {}
     slab_shape = list(shape_kji(reference_image))
     dim = slicing.array_dim(axis)
     first, last = min(masks), max(masks)
@@ -90,7 +93,14 @@ def slice_modifiers(reference_image, masks: Dict[int, np.ndarray], axis: str):
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != remove[sel].shape:
             raise ValueError(f"slice {index}: mask shape {mask.shape} does not match the slice {remove[sel].shape}")
-        remove[sel] = ~mask
+        region = regions.get(index)
+        if region is None:
+            remove[sel] = ~mask
+        else:
+            region = np.asarray(region, dtype=bool)
+            if region.shape != mask.shape:
+                raise ValueError(f"slice {index}: region shape {region.shape} does not match the slice {mask.shape}")
+            remove[sel] = region & ~mask
         add[sel] = mask
     extent = slab_extent(reference_image, axis, first, last)
     return extent, make_labelmap(reference_image, extent, remove), make_labelmap(reference_image, extent, add)
@@ -102,23 +112,45 @@ def write_slices(
     masks: Dict[int, np.ndarray],
     axis: str,
     replace: bool = True,
+    regions: Optional[Dict[int, np.ndarray]] = None,
 ) -> Tuple[int, ...]:
     """Writes {slice index: bool mask (H, W)} along `axis` into the selected segment.
 
     modify(labelmap, mode, extent, bypass_masking): the editor's modify call, e.g. ``effect_modifier(scriptedEffect)``
     or ``logic_modifier(logic, segmentationNode, segmentId)``. The caller saves the undo state once
     before. replace: clear the slices' old content outside the new masks (redrawing a slice replaces
-    it); without it the masks are added to the segment.
+    it); without it the masks are added to the segment. regions: {index: bool (H, W)}, for the slices
+    where only part of the old content is replaced (see ``redraw_region``); the rest stays.
     The editor's rules apply unchanged: in "inside a single segment" mode, what is erased from the
     edited segment goes back to the mask segment (Slicer's split-a-segment behaviour).
     Returns the extent written.
     """
-    extent, remove, add = slice_modifiers(reference_image, masks, axis)
+    extent, remove, add = slice_modifiers(reference_image, masks, axis, regions)
     if any(np.any(m) for m in masks.values()):
         modify(add, MODE_ADD, extent, False)
     if replace:
         modify(remove, MODE_REMOVE, extent, False)
     return extent
+
+
+def redraw_region(old: np.ndarray, box, mask: np.ndarray) -> np.ndarray:
+    """What a box drawn again on a slice replaces: the box itself and every piece of the slice's old
+    content (8-connected) that touches the box or the new mask. Pieces elsewhere on the slice (the
+    other lung of a "lungs" segment) stay.
+
+    old, mask: bool (H, W); box: [x0, y0, x1, y1] inclusive, x along the slice's columns."""
+    from scipy import ndimage
+
+    old = np.asarray(old, dtype=bool)
+    region = np.zeros(old.shape, dtype=bool)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    region[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+    touched = region | np.asarray(mask, dtype=bool)
+    labels, count = ndimage.label(old, structure=np.ones((3, 3), dtype=bool))
+    if count:
+        hit = np.unique(labels[touched & old])
+        region |= np.isin(labels, hit[hit > 0])
+    return region
 
 
 def effect_modifier(scripted_effect) -> Callable:
