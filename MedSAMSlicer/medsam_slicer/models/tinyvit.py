@@ -232,3 +232,180 @@ class TinyViTEncoder(nn.Module):
             if stage.downsample is not None:
                 x = stage.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.neck(x.permute(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference-only fast path
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+class _Weights:
+    """A bag of tensors for one block (attributes set by the preparing code)."""
+
+
+def _dwconv(x, weight, bias, stride: int = 1):
+    """3x3 depthwise conv of an NHWC tensor, returned NHWC.
+
+    The permuted view is a channels-last NCHW tensor, which oneDNN convolves in place of layout, and
+    its channels-last result permutes back to a contiguous NHWC tensor: no copies either way.
+    """
+    return F.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride, 1, groups=x.shape[-1]).permute(0, 2, 3, 1)
+
+
+def _gelu_(x):
+    """GELU (exact, erf) in place: the large stage-0 activations are not worth a second buffer."""
+    return torch.ops.aten.gelu_(x)
+
+
+def _attention(q, k, v, bias):
+    """softmax(q kᵀ + bias) v with q already scaled; (N, heads, L, d).
+
+    On a 2-core CPU, for these small windows (49 or 196 tokens, 32 dims per head), one batched
+    matmul, an in-place broadcast add of the (heads, L, L) bias and a softmax beat
+    ``scaled_dot_product_attention`` with a mask (measured in benchmarks/tinyvit_speed.py).
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1)).add_(bias)
+    return torch.matmul(scores.softmax(-1), v)
+
+
+def _sdpa(q, k, v, bias):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+
+
+class FastTinyViT:
+    """LiteMedSAM's TinyViT as plain functions over folded weights; see :func:`prepare_fast_encoder`.
+
+    Activations are NHWC (channels-last) from end to end, so that every 1x1 convolution is one
+    matrix product over the pixels (``F.linear``) and the transformer stages need no layout changes.
+    The stream between blocks stays float32; the matrix products, attention and the convolutions
+    inside MBConv and patch merging run in ``dtype``.
+    """
+
+    def __init__(self, encoder: TinyViTEncoder, dtype=torch.float32, device="cpu", attention=None):
+        dt = _DTYPES[dtype.lower()] if isinstance(dtype, str) else dtype
+        self.dtype, self.device = dt, torch.device(device)
+        self.attention = attention or _attention
+
+        def cp(t, to=dt):  # a private copy: the caller's module is never aliased nor modified
+            return t.detach().to(device=self.device, dtype=to, copy=True).contiguous()
+
+        def conv(m: ConvBN, to=dt):  # folded (weight, bias); 1x1 convolutions as linear weights
+            w, b = m.folded()
+            if w.shape[-1] == 1 and m.c.groups == 1:
+                w = w[:, :, 0, 0]
+            return cp(w, to), cp(b, to)
+
+        with torch.no_grad():
+            seq = encoder.patch_embed.seq
+            self.embed = (conv(seq[0]), conv(seq[2]))
+            self.mbconv = []
+            for blk in encoder.layers[0].blocks:
+                self.mbconv.append((conv(blk.conv1), conv(blk.conv2), conv(blk.conv3)))
+            self.merges = []
+            for stage in encoder.layers[:3]:
+                ds = stage.downsample
+                self.merges.append((conv(ds.conv1), conv(ds.conv2), conv(ds.conv3), ds.conv2.c.stride[0]))
+            self.stages = [[self._block(blk, cp, conv) for blk in stage.blocks] for stage in encoder.layers[1:]]
+            neck = encoder.neck
+            self.neck1 = cp(neck[0].weight[:, :, 0, 0])
+            self.neck2 = cp(neck[2].weight)
+            self.neck_norms = [(cp(n.weight, torch.float32), cp(n.bias, torch.float32), n.eps) for n in (neck[1], neck[3])]
+
+    def _block(self, blk: TinyViTBlock, cp, conv):
+        w = _Weights()
+        attn, f32 = blk.attn, torch.float32
+        dim, heads = attn.qkv.in_features, attn.heads
+        head_dim = dim // heads
+        w.window, w.heads = blk.window, heads
+        w.norm1 = (cp(attn.norm.weight, f32), cp(attn.norm.bias, f32), attn.norm.eps)
+        # qkv rows: per head [q | k | v] in the checkpoint -> [all q | all k | all v], q pre-scaled
+        # by head_dim^-0.5 so that attention needs no separate scaling pass.
+        scale = torch.ones(heads, 3, head_dim, 1)
+        scale[:, 0] = head_dim ** -0.5
+        qkv_w = (attn.qkv.weight.view(heads, 3, head_dim, dim) * scale).transpose(0, 1).reshape(3 * dim, dim)
+        qkv_b = (attn.qkv.bias.view(heads, 3, head_dim) * scale[..., 0]).transpose(0, 1).reshape(3 * dim)
+        w.qkv = (cp(qkv_w), cp(qkv_b))
+        w.proj = (cp(attn.proj.weight), cp(attn.proj.bias))
+        w.bias = cp(attn.attention_biases[:, attn.bias_index])  # (heads, L, L), gathered once
+        w.local = conv(blk.local_conv, f32)  # the local conv produces the float32 stream
+        mlp = blk.mlp
+        w.norm2 = (cp(mlp.norm.weight, f32), cp(mlp.norm.bias, f32), mlp.norm.eps)
+        w.fc1 = (cp(mlp.fc1.weight), cp(mlp.fc1.bias))
+        w.fc2 = (cp(mlp.fc2.weight), cp(mlp.fc2.bias))
+        return w
+
+    def _merge(self, x, weights):
+        (w1, b1), (w2, b2), (w3, b3), stride = weights
+        y = _gelu_(F.linear(x.to(self.dtype), w1, b1))
+        y = _gelu_(_dwconv(y, w2, b2, stride).contiguous())
+        return F.linear(y, w3, b3).float()
+
+    def _mbconv(self, x, weights):
+        (w1, b1), (w2, b2), (w3, b3) = weights
+        y = _gelu_(F.linear(x.to(self.dtype), w1, b1))
+        y = _gelu_(_dwconv(y, w2, b2))
+        y = F.linear(y, w3, b3)
+        return _gelu_(y.add_(x) if y.dtype == x.dtype else x + y)
+
+    def _tinyvit_block(self, x, w: _Weights):
+        b, h, wd, c = x.shape
+        ws, heads = w.window, w.heads
+        # Zero-pad, then normalise: padded tokens must enter attention as the norm's bias.
+        win = to_windows(x, ws)
+        n, length = win.shape[:2]
+        y = F.layer_norm(win, (c,), *w.norm1).to(self.dtype)
+        q, k, v = F.linear(y, *w.qkv).view(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = self.attention(q, k, v, w.bias).transpose(1, 2).reshape(n, length, c)
+        x = x + from_windows(F.linear(y, *w.proj), b, h, wd, ws)
+        x = _dwconv(x, *w.local)  # no residual around the local conv
+        y = F.layer_norm(x, (c,), *w.norm2).to(self.dtype)
+        y = F.linear(_gelu_(F.linear(y, *w.fc1)), *w.fc2)
+        return y.add_(x) if y.dtype == x.dtype else x + y
+
+    def __call__(self, x, interrupt: Optional[Callable[[], bool]] = None):
+        """(B, 3, 256, 256) in [0, 1] -> (B, 256, 64, 64) float32 embedding."""
+        from medsam_slicer.fast_encoder import EncodeInterrupted
+
+        def check():
+            if interrupt is not None and interrupt():
+                raise EncodeInterrupted()
+
+        with torch.inference_mode():
+            x = x.to(self.device, self.dtype).permute(0, 2, 3, 1)
+            (w1, b1), (w2, b2) = self.embed
+            x = F.linear(_gelu_(F.linear(x, w1, b1)), w2, b2).float()
+            for weights in self.mbconv:
+                check()
+                x = self._mbconv(x, weights)
+            x = self._merge(x, self.merges[0])
+            for i, blocks in enumerate(self.stages):
+                for w in blocks:
+                    check()
+                    x = self._tinyvit_block(x, w)
+                if i + 1 < len(self.merges):
+                    x = self._merge(x, self.merges[i + 1])
+            check()
+            (g1, c1, e1), (g2, c2, e2) = self.neck_norms
+            y = F.layer_norm(F.linear(x.to(self.dtype), self.neck1).float(), (NECK_DIM,), g1, c1, e1)
+            y = F.conv2d(y.to(self.dtype).permute(0, 3, 1, 2), self.neck2, None, 1, 1).permute(0, 2, 3, 1)
+            y = F.layer_norm(y.float(), (NECK_DIM,), g2, c2, e2)
+            return y.permute(0, 3, 1, 2).contiguous()
+
+
+def prepare_fast_encoder(encoder: TinyViTEncoder, dtype=torch.float32, device="cpu", compile: bool = False):
+    """An inference callable ``f(x, interrupt=None) -> (B, 256, 64, 64) float32`` over a copy of
+    `encoder`'s weights, computing in `dtype` (torch dtype or "fp32"/"bf16"/"fp16").
+
+    `interrupt`, if given, is called between blocks; when it returns True the call raises
+    ``medsam_slicer.fast_encoder.EncodeInterrupted``. `compile=True` wraps the per-block functions
+    in ``torch.compile`` (one graph per block shape, so interrupts still work between blocks).
+    """
+    fast = FastTinyViT(encoder, dtype, device)
+    if compile:
+        fast._mbconv = torch.compile(fast._mbconv, dynamic=False)
+        fast._merge = torch.compile(fast._merge, dynamic=False)
+        fast._tinyvit_block = torch.compile(fast._tinyvit_block, dynamic=False)
+    return fast
