@@ -12,7 +12,8 @@ class MedSAMSegmentEffect(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         parent.title = "MedSAM Segment Effect"
         parent.categories = ["Segmentation"]
-        parent.dependencies = ["Segmentations"]
+        # MedSAMSlicer: its folder holds MedSAMSlicerLib and the engine, and its settings choose the engine
+        parent.dependencies = ["Segmentations", "MedSAMSlicer"]
         parent.contributors = ["MedSAMSlicer contributors"]
         parent.hidden = True
         parent.helpText = (

@@ -39,6 +39,19 @@ class MedSAMSlicer(ScriptedLoadableModule):
             "MedSAM: Ma J, He Y, Li F, Han L, You C, Wang B. Segment anything in medical images. "
             "Nature Communications 15, 654 (2024). Weights: wanglab/medsam-vit-base (Apache-2.0)."
         )
+        # The inference thread (and its sessions' prefetch) ends with Slicer instead of being killed
+        # in the middle of a slice.
+        slicer.app.connect("aboutToQuit()", _stopInference)
+
+
+def _stopInference():
+    try:
+        from MedSAMSlicerLib import actions
+
+        if not actions.shutdown_all(timeout=5.0):
+            logging.warning("MedSAM: the inference thread did not stop within 5 s")
+    except Exception:  # never block Slicer from closing
+        logging.exception("MedSAM: stopping the inference thread failed")
 
 
 # ---------------------------------------------------------------------------------------- logic
@@ -389,8 +402,13 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear(0)
 
     def runTest(self):
+        import unittest
+
         self.setUp()
-        self.test_box_propagate_undo()
+        try:
+            self.test_box_propagate_undo()
+        except unittest.SkipTest as exc:  # Reload and Test: say why instead of failing
+            self.delayDisplay(f"MedSAM self-test skipped: {exc}")
 
     def tinyCheckpoint(self):
         import tempfile
@@ -420,6 +438,10 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
         slicer.app.processEvents()
 
     def test_box_propagate_undo(self):
+        missing = MedSAMSlicerLogic.missingPackages("local")
+        if missing:  # e.g. on the extension build dashboard, where nothing is pip-installed
+            self.skipTest("MedSAM's Python dependencies are not installed ({}): install them from the MedSAM "
+                          "Slicer module to run this test".format(", ".join(missing)))
         import numpy as np
         import SampleData
 
@@ -427,9 +449,6 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
         volume = SampleData.SampleDataLogic().downloadCTChest()
         self.assertIsNotNone(volume)
         before = slicer.util.arrayFromVolume(volume).copy()
-
-        missing = MedSAMSlicerLogic.missingPackages("local")
-        self.assertEqual(missing, [], "install the dependencies from the MedSAM Slicer module first")
 
         # engine: CPU, fp32, tiny random checkpoint
         settings = MedSAMSlicerLogic.loadSettings()
