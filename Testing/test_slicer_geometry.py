@@ -240,3 +240,39 @@ def test_roi_bounds_to_voxel_box(scene):
     hi_ras = voxel_ras(ijk_to_ras, (20, 11, 9))
     lo, hi = geometry.ras_box_to_ijk_box3d(volume, np.minimum(lo_ras, hi_ras), np.maximum(lo_ras, hi_ras))
     assert (lo, hi) == ((4, 3, 2), (20, 11, 9))
+
+
+def test_overlays_follow_pan_zoom_and_slice_changes(scene):
+    """An outline is kept on its voxels: after a pan or a zoom it is recomputed to the voxels' new
+    display position; on another slice (or an oblique view) it is hidden."""
+    ijk_to_ras = VOLUMES["lps_like"]
+    volume = make_volume(scene, ijk_to_ras)
+    k = 7
+    view = make_slice_node(scene, "Axial", voxel_ras(ijk_to_ras, (20, 15, k)))
+    box = (10, 8, 25, 20)
+
+    def expected_corners():
+        corners = [(box[0] - 0.5, box[1] - 0.5), (box[2] + 0.5, box[1] - 0.5), (box[2] + 0.5, box[3] + 0.5),
+                   (box[0] - 0.5, box[3] + 0.5)]
+        return np.array([ras_to_xy(view, voxel_ras(ijk_to_ras, (x, y, k))) for x, y in corners])
+
+    first = geometry.overlay_xy(view, volume, "k", k, box2d=box)
+    assert np.allclose(first, expected_corners(), atol=1e-6)
+    view.SetXYZOrigin(15.0, -8.0, 0.0)  # pan
+    view.UpdateMatrices()
+    panned = geometry.overlay_xy(view, volume, "k", k, box2d=box)
+    assert not np.allclose(panned, first) and np.allclose(panned, expected_corners(), atol=1e-6)
+    view.SetFieldOfView(50.0, 40.0, 1.0)  # zoom
+    view.UpdateMatrices()
+    zoomed = geometry.overlay_xy(view, volume, "k", k, box2d=box)
+    assert np.allclose(zoomed, expected_corners(), atol=1e-6)
+    assert np.ptp(zoomed[:, 0]) > np.ptp(panned[:, 0])
+    mask = np.zeros((30, 40), bool)
+    mask[10:15, 12:20] = True
+    segments = geometry.overlay_xy(view, volume, "k", k, mask=mask)
+    assert segments.shape == (2 * (5 + 8), 2, 2)
+    view.JumpSliceByCentering(*voxel_ras(ijk_to_ras, (20, 15, k + 2)))  # another slice
+    view.UpdateMatrices()
+    assert geometry.overlay_xy(view, volume, "k", k, box2d=box).shape == (0, 2)
+    assert geometry.overlay_xy(view, volume, "k", k, mask=mask).shape == (0, 2, 2)
+    assert geometry.shows_slice(view, volume, "k", k + 2)

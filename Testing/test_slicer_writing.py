@@ -303,3 +303,36 @@ def test_segment_slices_reads_back_what_was_written(editor, axis):
     listed = writing.segment_slices(editor.seg, seg_id, editor.source, axis, [3, 5])
     assert sorted(listed) == [3, 5]
     assert not listed[3].any() and np.array_equal(listed[5], masks[5])
+
+
+def test_regions_limit_what_a_slice_write_removes(editor):
+    """With a region, only the region's part of the old slice outside the new mask is removed."""
+    axis, s = "k", 4
+    old = _rect(axis, 2, 8, 2, 8) | _rect(axis, 12, 16, 16, 22)  # two pieces on the slice
+    editor.write({s: old}, axis)
+    new = _rect(axis, 3, 6, 3, 6)
+    region = writing.redraw_region(old, (1, 1, 9, 9), new)  # box [x0, y0, x1, y1] around the first piece
+    editor.logic.SaveStateForUndo()
+    modify = writing.logic_modifier(editor.logic, editor.seg, "target")
+    writing.write_slices(modify, editor.source, {s: new}, axis, regions={s: region})
+    expected = _blank()
+    expected[_sel(axis, s)] = new | _rect(axis, 12, 16, 16, 22)
+    assert np.array_equal(editor.get("target"), expected)
+    with pytest.raises(ValueError, match="region shape"):
+        writing.slice_modifiers(editor.source, {s: new}, axis, regions={s: np.ones((3, 3), bool)})
+
+
+def test_redraw_region_takes_the_box_and_the_pieces_it_or_the_mask_touch():
+    old = np.zeros((20, 30), bool)
+    old[2:10, 2:10] = True  # crosses the box's edge: replaced whole
+    old[15:18, 25:28] = True  # far away: kept
+    old[12:14, 14:16] = True  # outside the box but under the new mask: replaced
+    box = (5, 5, 12, 11)
+    mask = np.zeros_like(old)
+    mask[6:14, 6:16] = True
+    region = writing.redraw_region(old, box, mask)
+    assert region[5:12, 5:13].all()  # the box
+    assert region[2:10, 2:10].all() and region[12:14, 14:16].all()
+    assert not region[15:18, 25:28].any()
+    empty = writing.redraw_region(np.zeros_like(old), box, np.zeros_like(old))
+    assert empty.sum() == 7 * 8
