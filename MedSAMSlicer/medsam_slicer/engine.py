@@ -1,17 +1,18 @@
-"""MedSAMEngine: the model plus the published 2D inference, encode and decode kept apart.
+"""MedSAMEngine: a registered model (see `models/`) with its 2D inference, encode and decode kept apart.
 
-Splitting encode (972 GFLOPs, seconds on a CPU) from decode (milliseconds) lets callers cache
-image embeddings and re-prompt a slice with the decoder alone.
+Splitting encode (seconds on a CPU) from decode (milliseconds) lets callers cache image embeddings
+and re-prompt a slice with the decoder alone. What differs between models (input size, resize,
+padding, box scaling, post-processing, the encoder's fast path) comes from the model's family
+module; the prompt encoder and mask decoder are segment-anything's for every family.
 """
 from __future__ import annotations
 
 import threading
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .model import load_sam, resolve_device
-from .preprocess import boxes_to_model, model_input
+from .model import load_model, resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -42,21 +43,26 @@ def cpu_has_fast_bf16() -> bool:
 
 
 class MedSAMEngine:
-    """Runs MedSAM on single slices. Thread-safe: one lock serialises encoder calls and another
+    """Runs a MedSAM-family model on single slices. Thread-safe: one lock serialises encoder calls and another
     decoder calls (they use disjoint modules), so a re-prompt need not wait for a background encode.
 
     fast: run the image encoder through `fast_encoder` (SDPA attention, private weights in the
-    compute dtype; exact within 1e-6 in fp32). False keeps segment-anything's module as published
+    compute dtype; exact within 1e-6 in fp32). False keeps the network's own module as published
     (reduced precisions then run it under autocast). compile: torch.compile the fast encoder (GPU).
+    family: the model's family module or registry name (default: ViT-B MedSAM, the `sam` the
+    tests build); it is part of `model_id`, hence of every embedding cache key.
     """
 
     def __init__(self, sam, device: str = "cpu", precision: str = "fp32", model_id: str = "medsam",
-                 fast: bool = True, compile: bool = False):
+                 fast: bool = True, compile: bool = False, family="medsam"):
         import torch
 
+        from .models import get_family
+
+        self.family = get_family(family) if isinstance(family, str) else family
         self.device = device
         self.precision = resolve_precision(precision, device)
-        self.model_id = f"{model_id}:{self.precision}"
+        self.model_id = f"{self.family.NAME}/{model_id}:{self.precision}"
         self.sam = sam.to(device).eval()
         self._dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self._lock = threading.RLock()
@@ -66,9 +72,7 @@ class MedSAMEngine:
         self.fast = bool(fast)
         self._encoder = self.sam.image_encoder
         if self.fast:
-            from .fast_encoder import prepare_encoder
-
-            self._encoder = prepare_encoder(self.sam.image_encoder, self._dtype, device, compile=compile)
+            self._encoder = self.family.prepare_encoder(self.sam, self._dtype, device, compile=compile)
         elif self.precision != "fp32":
             encoder, dtype = self.sam.image_encoder, self._dtype
 
@@ -79,17 +83,48 @@ class MedSAMEngine:
             self._encoder = autocast_encoder
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto") -> "MedSAMEngine":
+    def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto",
+                        model: Optional[str] = None) -> "MedSAMEngine":
+        """Loads a weights file; its family is recognised from the tensors unless `model` names it."""
         import hashlib
         import os
 
         device = resolve_device(device)
-        sam, arch = load_sam(path)
+        net, family, arch = load_model(path, model)
         stat = os.stat(path)
         ident = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        engine = cls(sam, device, precision, model_id=f"{arch.name}:{ident}")
+        engine = cls(net, device, precision, model_id=f"{arch}:{ident}", family=family)
         engine.architecture = arch
+        engine.checkpoint = path
         return engine
+
+    @classmethod
+    def load(cls, model: Optional[str] = None, checkpoint: Optional[str] = None, device: str = "auto",
+             precision: str = "auto", download: bool = True, progress: bool = False,
+             progress_callback=None) -> "MedSAMEngine":
+        """The engine for a registered model: `checkpoint` if given (its family recognised when
+        `model` is None), else that model's own weights (DEFAULT_MODEL when both are None), found
+        or downloaded and verified by its family."""
+        from .models import get_family
+
+        if checkpoint is None or not str(checkpoint).strip():
+            family = get_family(model)
+            checkpoint = family.ensure_weights(None, download=download, progress=progress,
+                                               progress_callback=progress_callback)
+            model = family.NAME
+        else:
+            from .weights import ensure_weights
+
+            checkpoint = ensure_weights(checkpoint)  # a one-line error for a missing file
+        return cls.from_checkpoint(checkpoint, device=device, precision=precision, model=model)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.family.INPUT_SIZE)
+
+    def default_margin(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """The family's default propagation margin in pixels of a slice of this size, (x, y)."""
+        return self.family.margin_pixels(self.family.DEFAULT_MARGIN, size)
 
     def encode(self, image: np.ndarray):
         """uint8 slice (H, W) or (H, W, 3) -> image embedding (1, 256, 64, 64), float32 on device."""
@@ -103,7 +138,7 @@ class MedSAMEngine:
         """
         import torch
 
-        batch = np.concatenate([model_input(img) for img in images], axis=0)  # outside the lock
+        batch = np.concatenate([self.family.model_input(img) for img in images], axis=0)  # outside the lock
         outs = []
         for start in range(0, len(batch), self.max_batch):
             part = np.ascontiguousarray(batch[start : start + self.max_batch])
@@ -121,12 +156,11 @@ class MedSAMEngine:
         Returns foreground probabilities (N, H, W) float32 and the decoder's IoU estimates (N,).
         """
         import torch
-        import torch.nn.functional as F
 
         height, width = size
-        boxes_1024 = boxes_to_model(boxes, height, width)
+        boxes_model = self.family.boxes_to_model(boxes, height, width)
         with self._decode_lock, torch.inference_mode():
-            box_t = torch.as_tensor(boxes_1024, dtype=torch.float, device=self.device)[:, None, :]
+            box_t = torch.as_tensor(boxes_model, dtype=torch.float, device=self.device)[:, None, :]
             sparse, dense = self.sam.prompt_encoder(points=None, boxes=box_t, masks=None)
             logits, iou = self.sam.mask_decoder(
                 image_embeddings=embedding.to(self.device, torch.float32),
@@ -135,9 +169,8 @@ class MedSAMEngine:
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
             )
-            prob = torch.sigmoid(logits)
-            prob = F.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)
-            return prob[:, 0].float().cpu().numpy(), iou[:, 0].float().cpu().numpy()
+            prob = self.family.postprocess(logits, (height, width))
+            return prob.float().cpu().numpy(), iou[:, 0].float().cpu().numpy()
 
     def segment(self, image: np.ndarray, boxes, embedding=None) -> Tuple[np.ndarray, np.ndarray]:
         """Convenience: probabilities and scores for boxes on one uint8 slice."""

@@ -55,6 +55,11 @@ class SlicePredictor:
     def slice_shape(self) -> Tuple[int, int]:
         return slice_shape(self.volume.shape, self.axis)
 
+    @property
+    def default_margin(self) -> Tuple[int, int]:
+        """The model's default propagation margin in this axis's slice pixels, (x, y)."""
+        return self.engine.default_margin(self.slice_shape)
+
     def image(self, index: int) -> np.ndarray:
         if not 0 <= index < self.n_slices:
             raise InputError(f"slice {index} is outside the volume (0..{self.n_slices - 1} along {self.axis})")

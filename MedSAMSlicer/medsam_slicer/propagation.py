@@ -29,7 +29,9 @@ from .slicing import Box2D, check_axis, mask_bbox, slice_count, slice_index
 
 ProgressFn = Callable[[int, np.ndarray, int, int], None]
 
-# Prompt margin, in pixels of MedSAM's 1024 x 1024 input. MedSAM was trained with every box side
+# Prompt margin for predictors that do not know their model's scale (oracles, tests): pixels of
+# MedSAM's 1024 x 1024 input. A SlicePredictor gives its model's own default (`default_margin`,
+# from the model's family module, in that model's input scale). MedSAM was trained with every box side
 # moved outward by a random 0-20 px at that scale, so 10 px is the middle of its training
 # distribution; the published 3D workflows used 5 px (1024 scale) and 3 px at 256 scale (= 12 px at
 # 1024). It is converted to slice pixels per axis (the slice is resized to 1024 without keeping the
@@ -219,6 +221,14 @@ class _Run:
         self.total = 0
         self.was_cancelled = False
 
+    def resolve_margin(self, margin) -> Tuple[int, int]:
+        """(x, y) slice pixels: the caller's margin, else the predictor's model default, else
+        DEFAULT_MARGIN_1024. Checked here, before any slice is computed."""
+        own = getattr(self.predictor, "default_margin", None) if margin is None else None
+        if own is not None:
+            return tuple(int(v) for v in own)  # type: ignore
+        return _margin(margin, self.shape)
+
     def cancelled(self) -> bool:
         if not self.was_cancelled and _is_cancelled(self.cancel):
             self.was_cancelled = True
@@ -376,13 +386,14 @@ def propagate_from_slice(
 ) -> PropagationResult:
     """Grows a segmentation from one slice: prompted with `seed_box`, or given as `seed_mask` (used
     as is, the predictor is not called on the seed slice). Each next slice is prompted with the
-    previous mask's bounding box plus `margin` (slice pixels, one number or (x, y); None: 10 px at
-    MedSAM's 1024 scale) until a stop rule, the volume's edge or max_slices. An empty `seed_mask`
-    is an InputError; a seed box that yields an empty mask gives an empty result whose reasons say
+    previous mask's bounding box plus `margin` (slice pixels, one number or (x, y); None: the
+    model's default, see `_Run.resolve_margin`) until a stop rule, the volume's edge or max_slices.
+    An empty `seed_mask` is an InputError; a seed box that yields an empty mask gives an empty result whose reasons say
     so. keep_largest keeps the largest 3D component plus everything touching the seed's mask."""
     rules = _rules(rules)
     names = _directions(direction)
     run = _Run(predictor, fill_holes, progress, cancel, lookahead)
+    margin = run.resolve_margin(margin)
     seed = run.check_index(seed_index, "seed slice")
     if seed_mask is None and seed_box is None:
         raise InputError("give a box or a mask on the seed slice")
@@ -434,6 +445,7 @@ def segment_box3d(
     extent (and counts as an anchor for keep_largest). With clip_to_box, masks are cut to the
     extent. Slices whose mask came out empty are in `masks` as empty masks (they were segmented)."""
     run = _Run(predictor, fill_holes, progress, cancel, lookahead)
+    margin = run.resolve_margin(margin)
     roi = check_box(box2d, run.shape, "3D box extent")
     first = run.check_index(first, "first slice")
     last = run.check_index(last, "last slice")
@@ -536,6 +548,7 @@ def segment_key_slices(
     if combine not in KEY_BOX_MODES:
         raise InputError(f"combine must be one of {', '.join(KEY_BOX_MODES)}, got {combine!r}")
     run = _Run(predictor, fill_holes, progress, cancel, lookahead)
+    margin = run.resolve_margin(margin)
     if not key_boxes:
         raise InputError("give a box on at least one key slice")
     keys: Dict[int, Box2D] = {}
@@ -622,6 +635,7 @@ def repropagate(
     rules = _rules(rules)
     old = masks.masks if isinstance(masks, PropagationResult) else masks
     run = _Run(predictor, fill_holes, progress, cancel, lookahead)
+    margin = run.resolve_margin(margin)
     seed = run.check_index(seed_index, "seed slice")
     fixed = run.check_index(corrected_index, "corrected slice")
     corrected = run.check_mask(corrected_mask, "the corrected mask").copy()

@@ -81,10 +81,9 @@ def open_session(args, array: np.ndarray, window):
     from .cache import default_cache
     from .engine import MedSAMEngine
     from .session import LocalSession
-    from .weights import ensure_weights
 
-    checkpoint = ensure_weights(args.checkpoint, progress=not getattr(args, "quiet", False))
-    engine = MedSAMEngine.from_checkpoint(checkpoint, device=args.device, precision=args.precision)
+    engine = MedSAMEngine.load(getattr(args, "model", None), args.checkpoint, device=args.device,
+                               precision=args.precision, progress=not getattr(args, "quiet", False))
     return LocalSession(engine, array, window, cache=default_cache(engine.device, getattr(args, "disk_cache", None)))
 
 

@@ -38,6 +38,10 @@ DEFAULT_URL = HF_PAGE + "/resolve/main/model.safetensors"
 DRIVE_FOLDER = "https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN"
 
 DEFAULT_FILENAME = "medsam_vit_b.safetensors"  # where DEFAULT_URL lands in the cache
+# The same repository may serve the PyTorch file instead (which names it serves on main cannot be
+# confirmed from every network): models/medsam.py tries BIN_URL when DEFAULT_URL is not found.
+BIN_URL = HF_PAGE + "/resolve/main/pytorch_model.bin"
+BIN_FILENAME = "medsam_vit_b.bin"
 MANUAL_FILENAME = "medsam_vit_b.pth"  # the authors' file, if a user puts it in the cache by hand
 CACHE_ENV = "MEDSAM_SLICER_CACHE"
 APP_NAME = "medsam-slicer"
@@ -46,6 +50,7 @@ APP_NAME = "medsam-slicer"
 PINNED_SHA256: Dict[str, Optional[str]] = {
     DEFAULT_FILENAME: None,
     MANUAL_FILENAME: None,
+    BIN_FILENAME: None,
 }
 
 PART_SUFFIX = ".part"
@@ -93,7 +98,7 @@ def default_weights_path(cache: Optional[str] = None) -> str:
 def cached_weights(cache: Optional[str] = None) -> Optional[str]:
     """The weights already in the cache folder (downloaded, or the authors' .pth put there), if any."""
     folder = cache_dir(cache)
-    for name in (DEFAULT_FILENAME, MANUAL_FILENAME):
+    for name in (DEFAULT_FILENAME, BIN_FILENAME, MANUAL_FILENAME):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return path

@@ -420,7 +420,8 @@ class ServerState:
             "name": "medsam-slicer",
             "version": __version__,
             "api": API_VERSION,
-            "architecture": arch.name if arch is not None else None,
+            "architecture": getattr(arch, "name", arch),
+            "model": getattr(getattr(engine, "family", None), "NAME", None),
             "model_id": engine.model_id,
             "device": engine.device,
             "precision": engine.precision,
@@ -934,6 +935,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     checkpoint: Optional[str] = None,
+    models=None,
     device: str = "auto",
     precision: str = "auto",
     token: Optional[str] = None,
@@ -955,11 +957,13 @@ def serve(
     _check_port_free(host, port)
     if engine is None:
         from ..engine import MedSAMEngine
-        from ..weights import ensure_weights
 
-        engine = MedSAMEngine.from_checkpoint(ensure_weights(checkpoint), device=device, precision=precision)
+        if models and len(models) > 1:
+            raise InputError("one --model per server for now: run one server per model")
+        engine = MedSAMEngine.load(models[0] if models else None, checkpoint, device=device, precision=precision,
+                                   progress=True)
     app = create_app(engine, tokens=tokens, cache_mb=cache_mb, **limits)
-    arch = getattr(getattr(engine, "architecture", None), "name", "?")
+    arch = f"{engine.family.TITLE} ({getattr(engine, 'architecture', '?')})"
     print(f"medsam-slicer {__version__} serving {arch} on {engine.device} ({engine.precision}) at "
           f"http://{host}:{port}{API_PREFIX} ({'token required' if tokens else 'no token: loopback only'})",
           flush=True)
