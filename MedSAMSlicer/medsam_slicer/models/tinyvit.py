@@ -288,6 +288,8 @@ class FastTinyViT:
         dt = _DTYPES[dtype.lower()] if isinstance(dtype, str) else dtype
         self.dtype, self.device = dt, torch.device(device)
         self.attention = attention or _attention
+        self.band_rows = 16  # stage-0 rows per band: 4 MB of 256-channel float32 hidden
+        self.chunk_tokens = 1024  # MLP tokens per chunk
 
         def cp(t, to=dt):  # a private copy: the caller's module is never aliased nor modified
             return t.detach().to(device=self.device, dtype=to, copy=True).contiguous()
@@ -344,26 +346,58 @@ class FastTinyViT:
         return F.linear(y, w3, b3).float()
 
     def _mbconv(self, x, weights):
-        (w1, b1), (w2, b2), (w3, b3) = weights
-        y = _gelu_(F.linear(x.to(self.dtype), w1, b1))
-        y = _gelu_(_dwconv(y, w2, b2))
-        y = F.linear(y, w3, b3)
-        return _gelu_(y.add_(x) if y.dtype == x.dtype else x + y)
+        """One MBConv on the float32 NHWC stream, in bands of rows.
 
-    def _tinyvit_block(self, x, w: _Weights):
+        At 256 x 256 the 256-channel hidden tensors are 64 MB each in float32: computed whole, they
+        cost more in memory traffic and page faults than in arithmetic. A band of rows (plus one
+        halo row each side for the 3x3 conv) keeps them in cache.
+        """
+        (w1, b1), (w2, b2), (w3, b3) = weights
+        height = x.shape[1]
+        out = torch.empty_like(x)
+        for r0 in range(0, height, self.band_rows):
+            r1 = min(r0 + self.band_rows, height)
+            a, e = max(r0 - 1, 0), min(r1 + 1, height)
+            y = _gelu_(F.linear(x[:, a:e].to(self.dtype), w1, b1))
+            # Zero padding of the band is right at the image border, and the rows it spoils
+            # inside the image are the halo rows, which are dropped.
+            y = _gelu_(_dwconv(y, w2, b2)[:, r0 - a:r1 - a])
+            y = F.linear(y, w3, b3)
+            out[:, r0:r1] = _gelu_(y.add_(x[:, r0:r1]) if y.dtype == x.dtype else x[:, r0:r1] + y)
+        return out
+
+    def _window_attention_(self, x, w: _Weights):
+        """x += attention over windows, one row of windows at a time (x: float32 NHWC, in place)."""
         b, h, wd, c = x.shape
         ws, heads = w.window, w.heads
-        # Zero-pad, then normalise: padded tokens must enter attention as the norm's bias.
-        win = to_windows(x, ws)
-        n, length = win.shape[:2]
-        y = F.layer_norm(win, (c,), *w.norm1).to(self.dtype)
-        q, k, v = F.linear(y, *w.qkv).view(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        y = self.attention(q, k, v, w.bias).transpose(1, 2).reshape(n, length, c)
-        x = x + from_windows(F.linear(y, *w.proj), b, h, wd, ws)
-        x = _dwconv(x, *w.local)  # no residual around the local conv
-        y = F.layer_norm(x, (c,), *w.norm2).to(self.dtype)
-        y = F.linear(_gelu_(F.linear(y, *w.fc1)), *w.fc2)
-        return y.add_(x) if y.dtype == x.dtype else x + y
+        nw = -(-wd // ws)
+        for r0 in range(0, h, ws):
+            band = x[:, r0:r0 + ws]
+            rows = band.shape[1]
+            # Zero-pad, then normalise: padded tokens must enter attention as the norm's bias.
+            win = F.pad(band, (0, 0, 0, nw * ws - wd, 0, ws - rows))
+            win = win.view(b, ws, nw, ws, c).transpose(1, 2).reshape(b * nw, ws * ws, c)
+            y = F.layer_norm(win, (c,), *w.norm1).to(self.dtype)
+            qkv = F.linear(y, *w.qkv).view(b * nw, ws * ws, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+            y = self.attention(qkv[0], qkv[1], qkv[2], w.bias).transpose(1, 2).reshape(b * nw, ws * ws, c)
+            y = F.linear(y, *w.proj).view(b, nw, ws, ws, c).transpose(1, 2).reshape(b, ws, nw * ws, c)
+            band += y[:, :rows, :wd]
+
+    def _mlp_(self, x, w: _Weights):
+        """x += MLP(norm(x)), token-wise, in chunks of tokens so the 4x wider hidden stays in cache."""
+        c = x.shape[-1]
+        tokens = x.view(-1, c)
+        for i in range(0, tokens.shape[0], self.chunk_tokens):
+            t = tokens[i:i + self.chunk_tokens]
+            y = F.layer_norm(t, (c,), *w.norm2).to(self.dtype)
+            t += F.linear(_gelu_(F.linear(y, *w.fc1)), *w.fc2)
+
+    def _tinyvit_block(self, x, w: _Weights):
+        """One TinyViT block; x is a float32 NHWC tensor of ours (updated in place where possible)."""
+        self._window_attention_(x, w)
+        x = _dwconv(x, *w.local)  # no residual around the local conv; a fresh contiguous tensor
+        self._mlp_(x, w)
+        return x
 
     def __call__(self, x, interrupt: Optional[Callable[[], bool]] = None):
         """(B, 3, 256, 256) in [0, 1] -> (B, 256, 64, 64) float32 embedding."""
@@ -376,7 +410,7 @@ class FastTinyViT:
         with torch.inference_mode():
             x = x.to(self.device, self.dtype).permute(0, 2, 3, 1)
             (w1, b1), (w2, b2) = self.embed
-            x = F.linear(_gelu_(F.linear(x, w1, b1)), w2, b2).float()
+            x = F.linear(_gelu_(F.linear(x, w1, b1)), w2, b2).float().contiguous()
             for weights in self.mbconv:
                 check()
                 x = self._mbconv(x, weights)
