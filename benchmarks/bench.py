@@ -1,11 +1,13 @@
 """Speed benchmark (thin script over medsam_slicer.bench): prints a table and optionally JSON.
 
-    python benchmarks/bench.py [--checkpoint FILE] [--device auto] [--precisions fp32 bf16]
-                               [--slices 8] [--json out.json] [--batches 1 4 8 --peak-tflops 989]
+    python benchmarks/bench.py [--model medsam|litemedsam] [--checkpoint FILE] [--device auto]
+                               [--precisions fp32 bf16] [--slices 8] [--json out.json]
+                               [--batches 1 4 8 --peak-tflops 989]
 
-Without --checkpoint the model is a random-weight ViT-B (speed does not depend on the weights).
---batches adds encoder throughput per batch size and, with --peak-tflops (the card's dense bf16
-peak), the fraction of it reached (972 GFLOPs per slice).
+Without --checkpoint, medsam is a random-weight ViT-B (speed does not depend on the weights) and
+litemedsam its official weights. --batches adds encoder throughput per batch size and, with
+--peak-tflops (the card's dense bf16 peak), the fraction of it reached (the family's
+ENCODER_GFLOPS per slice: 972 for ViT-B, about 75 for LiteMedSAM's TinyViT).
 """
 from __future__ import annotations
 
@@ -17,10 +19,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "MedSAMSlicer"))
 
-GFLOPS_PER_SLICE = 972.0
-
-
-def batch_throughput(device, precision, batches, compile, peak_tflops):
+def batch_throughput(model, device, precision, batches, compile, peak_tflops):
     import torch
 
     from medsam_slicer.bench import _load_model
@@ -28,11 +27,12 @@ def batch_throughput(device, precision, batches, compile, peak_tflops):
     from medsam_slicer.model import resolve_device
 
     device = resolve_device(device)
-    sam, _ = _load_model(None)
-    engine = MedSAMEngine(sam, device, precision, fast=True, compile=compile)
+    sam, family, _ = _load_model(model, None)
+    engine = MedSAMEngine(sam, device, precision, fast=True, compile=compile, family=family)
+    size, gflops = family.INPUT_SIZE, family.ENCODER_GFLOPS
     rows = []
     for b in batches:
-        x = torch.rand(b, 3, 1024, 1024, device=device)
+        x = torch.rand(b, 3, size, size, device=device)
         with torch.inference_mode():
             for _ in range(2):
                 engine._encoder(x)
@@ -48,7 +48,7 @@ def batch_throughput(device, precision, batches, compile, peak_tflops):
         row = {"batch": b, "precision": precision, "compiled": compile, "ms_per_slice": round(per_slice * 1000, 2),
                "slices_per_s": round(1 / per_slice, 1)}
         if peak_tflops:
-            row["fraction_of_peak"] = round(GFLOPS_PER_SLICE / per_slice / 1000 / peak_tflops, 3)
+            row["fraction_of_peak"] = round(gflops / per_slice / 1000 / peak_tflops, 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -57,6 +57,7 @@ def batch_throughput(device, precision, batches, compile, peak_tflops):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint")
+    ap.add_argument("--model", default=None, help="medsam or litemedsam (default: the registry's default)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precisions", nargs="+")
     ap.add_argument("--slices", type=int, default=8)
@@ -73,12 +74,12 @@ def main(argv=None):
 
     out = {}
     if not args.skip_table:
-        results = run_benchmark(checkpoint=args.checkpoint, device=args.device, precisions=args.precisions,
+        results = run_benchmark(model=args.model, checkpoint=args.checkpoint, device=args.device, precisions=args.precisions,
                                 slices=args.slices, reference=not args.no_reference, compile=args.compile)
         print(format_table(results), flush=True)
         out["configs"] = results
     if args.batches:
-        out["batches"] = batch_throughput(args.device, args.batch_precision, args.batches, args.compile, args.peak_tflops)
+        out["batches"] = batch_throughput(args.model, args.device, args.batch_precision, args.batches, args.compile, args.peak_tflops)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -24,6 +24,7 @@ INPUT_SIZE = 1024
 # MedSAM was trained with every box side moved outward by a random 0-20 px at 1024 scale: 10 px is
 # the middle of that range (the paper's sparse-marker workflow used 5 px, the LiteMedSAM baseline
 # 3 px at 256 = 12 px at 1024). Sweep with oracles in propagation.py's notes.
+ENCODER_GFLOPS = 972.0  # 486 GMAC per 1024 x 1024 slice (ViT-B), for benchmarks' fraction of peak
 DEFAULT_MARGIN = 10.0
 
 # (embed dim, depth, heads, global-attention blocks) of segment-anything's named builders.
