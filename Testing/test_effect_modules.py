@@ -141,3 +141,37 @@ def test_effect_keys_are_free_and_documented():
     # the keys the editor takes first are not promised as the effect's
     assert "<b>Esc</b> cancels" not in help_text and "**Esc** cancels" not in slicer_section
     assert "<b>i</b>" not in help_text and "**i** (Interpolate)" not in slicer_section
+
+
+# ------------------------------------------------------------------ packaging
+
+# The catalog-entry schemas in Slicer v5.8.0's Schemas/ folder, with the properties the newest of them
+# allows (v1.0.2, with "dicom_support_rule", came after 5.8).
+SCHEMAS_IN_SLICER_58 = ("slicer-extension-catalog-entry-schema-v1.0.0.json", "slicer-extension-catalog-entry-schema-v1.0.1.json")
+V101_PROPERTIES = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                   "build_subdirectory", "enabled", "tier"}
+
+
+def test_index_entry_uses_a_schema_slicer_58_knows():
+    import json
+
+    with open(os.path.join(ROOT, "MedSAMSlicer.json"), encoding="utf-8") as f:
+        entry = json.load(f)
+    name = entry["$schema"].rstrip("#").rsplit("/", 1)[-1]
+    assert name in SCHEMAS_IN_SLICER_58
+    assert set(entry) <= V101_PROPERTIES
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+
+
+def test_screenshots_exist_and_license_is_there():
+    with open(os.path.join(ROOT, "CMakeLists.txt"), encoding="utf-8") as f:
+        text = f.read()
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS\s+"([^"]*)"\)', text).group(1).split()
+    prefix = "https://raw.githubusercontent.com/medsamslicer/MedSAMSlicer/main/"
+    for url in urls:
+        assert url.startswith(prefix), url
+        assert os.path.isfile(os.path.join(ROOT, url[len(prefix):])), f"{url} names no file of the repository"
+    with open(os.path.join(ROOT, "LICENSE"), encoding="utf-8") as f:
+        license_text = f.read()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
