@@ -361,7 +361,8 @@ one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer
         self.clearOutlines()
         self.updateWindowLabel()
 
-    def masterVolumeNodeChanged(self):  # name used before Slicer 5.4
+    def referenceGeometryChanged(self):
+        # the segmentation's geometry changed: slice indices and the image the job runs on are stale
         self.sourceVolumeNodeChanged()
 
     # ------------------------------------------------------------------ activation
@@ -435,7 +436,10 @@ one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer
             widget = layoutManager.sliceWidget(name)
             if widget is not None and widget.isVisible():
                 views.append((widget, widget.mrmlSliceNode()))
-        found = actions.first_aligned_view(views, self.runner.grid(image))
+        try:
+            found = actions.first_aligned_view(views, self.runner.grid(image))
+        except ValueError:  # the segmentation is under a non-linear transform: the runner says so
+            return None
         return found[0] if found is not None else None
 
     def started(self, action):
@@ -478,7 +482,10 @@ one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer
 
     def grid(self):
         image = self.scriptedEffect.sourceVolumeImageData()
-        return self.runner.grid(image) if image is not None else None
+        try:
+            return self.runner.grid(image) if image is not None else None
+        except ValueError:  # non-linear transform: no outline
+            return None
 
     def outline(self, viewWidget, color):
         outline = self.outlines.get(viewWidget)

@@ -222,10 +222,10 @@ class ActionRunner:
         image = self.source_image()
         if image is None:
             return None
-        grid = self.grid(image)
         try:
+            grid = self.grid(image)
             axis, index = geometry.view_axis_and_slice(slice_node, grid)
-        except ValueError as exc:  # oblique view, or a plane off the volume
+        except ValueError as exc:  # oblique view, a plane off the volume, a non-linear transform
             self.status(str(exc), error=True)
             return None
         return axis, index, grid
