@@ -1,0 +1,451 @@
+"""Real-model accuracy on slicerio's CT sample: 2D prompts, the 3D modes and the official 3D baseline.
+
+    python benchmarks/accuracy_eval.py [--model litemedsam|medsam] [--checkpoint FILE]
+        [--structures "right lung,left lung"] [--window auto|PRESET|W,L] [--key-every 5]
+        [--cache-dir DIR] [--window-sweep] [--json out.json]
+
+Per structure of the expert segmentation (`Segmentation.seg.nrrd` on `CTChest4.nrrd`):
+  2D med   Dice on the slice of the structure's median voxel, prompted with the truth's tight box;
+  2D mean  mean Dice over every slice holding the structure, tight boxes;
+  2D jit   the same with boxes jittered as in MedSAM's training (each side moved outward by a
+           random 0-20 px at 1024 scale, fixed seed);
+  a        grow from one tight box on the median slice (`propagate_from_slice`, default rules);
+  b        the truth's 3D bounding box (`segment_box3d`);
+  c        tight boxes on key slices every N slices plus the last (`segment_key_slices`);
+  base     the official LiteMedSAM 3D inference (`MedSAM_infer_npz_3D`), re-implemented here as
+           the yardstick: middle slice of the 3D box prompted with the box's extent, up to the
+           last slice then down to the first, next box = the previous mask's bounding box +-3 px at
+           256 scale (clipped to the padded 256 frame), an empty mask falls back to the 3D box, no
+           early stop, no post-processing.
+3D Dice and NSD (normalised surface Dice at 2 mm, physical spacing: the challenge's metric) for
+each; for mode a also where each direction stopped against the truth's ends ("+n": n slices past
+the end, "-n": stopped n slices short; "edge": the truth reaches the volume's edge there, so the
+end says nothing about a stop rule; "abuts": the truth continues as another labelled structure
+(the vertebral columns are split by anatomical level, which a box cannot see).
+
+Structures made of many separate pieces (largest 3D component under half the voxels: the ribs)
+are marked "pieces" and left out of the summary: one box around a ring of ribs is no prompt for a
+box-prompted model.
+
+Every slice x window is encoded once: embeddings go to a disk cache (default
+~/.cache/medsam-slicer/accuracy-eval), so reruns cost only decoder calls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "MedSAMSlicer"))
+
+from medsam_slicer.cache import EmbeddingCache  # noqa: E402
+from medsam_slicer.predictor import SlicePredictor  # noqa: E402
+from medsam_slicer.propagation import propagate_from_slice, segment_box3d, segment_key_slices  # noqa: E402
+from medsam_slicer.slicing import mask_bbox  # noqa: E402
+from medsam_slicer.volume_io import read_segmentation_masks, read_volume  # noqa: E402
+from medsam_slicer.windowing import CT_PRESETS, choose_window, from_width_level  # noqa: E402
+
+NSD_TOLERANCE_MM = 2.0
+JITTER_1024 = 20  # MedSAM's training jitter: each side 0-20 px outward at 1024 scale
+BASELINE_SHIFT_256 = 3  # the official 3D inference's box shift, pixels at 256 scale
+SWEEP_WINDOWS = dict(CT_PRESETS, **{"1000/-500": (1000.0, -500.0), "2000/0": (2000.0, 0.0)})
+
+
+def sample_paths() -> Tuple[str, str]:
+    import slicerio
+
+    data = os.path.join(os.path.dirname(slicerio.__file__), "data")
+    return os.path.join(data, "CTChest4.nrrd"), os.path.join(data, "Segmentation.seg.nrrd")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of the mask with a 6-neighbour outside it (the volume's border counts as outside)."""
+    padded = np.pad(mask, 1)
+    inner = ndimage.binary_erosion(padded, structure=ndimage.generate_binary_structure(3, 1))[1:-1, 1:-1, 1:-1]
+    return mask & ~inner
+
+
+def nsd(pred: np.ndarray, truth: np.ndarray, spacing_kji, tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
+    """Normalised surface Dice: the share of both surfaces within `tolerance_mm` of the other one,
+    distances in millimetres (anisotropic voxels). Surfaces are boundary voxels (counted, not
+    weighted by surfel area as the challenge's surface-distance package does: close, not equal)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if not pred.any() and not truth.any():
+        return 1.0
+    if not pred.any() or not truth.any():
+        return 0.0
+    sp, st = _surface(pred), _surface(truth)
+    to_truth = ndimage.distance_transform_edt(~st, sampling=spacing_kji)
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing_kji)
+    close = int((to_truth[sp] <= tolerance_mm).sum()) + int((to_pred[st] <= tolerance_mm).sum())
+    return float(close / (sp.sum() + st.sum()))
+
+
+def extent(mask: np.ndarray) -> Optional[Tuple[int, int]]:
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    return (int(ks[0]), int(ks[-1])) if len(ks) else None
+
+
+def median_slice(truth: np.ndarray) -> int:
+    """The slice of the structure's median voxel (along k)."""
+    ks = np.nonzero(truth)[0]
+    return int(np.sort(ks)[len(ks) // 2])
+
+
+def box3d(truth: np.ndarray):
+    return mask_bbox(truth.any(axis=0)), extent(truth)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def load_engine(model: str, checkpoint: Optional[str], device: str, precision: str):
+    from medsam_slicer.engine import MedSAMEngine
+
+    return MedSAMEngine.load(model=model, checkpoint=checkpoint, device=device, precision=precision)
+
+
+def box_scale(model: str, slice_shape) -> Tuple[float, float]:
+    """Slice pixels per model-input pixel at 1024 scale, (x, y): ViT-B MedSAM resizes each axis to
+    1024, LiteMedSAM keeps the aspect (longest side)."""
+    h, w = slice_shape
+    if model == "medsam":
+        return w / 1024.0, h / 1024.0
+    side = max(h, w)
+    return side / 1024.0, side / 1024.0
+
+
+def jittered_box(box, slice_shape, scale_xy, rng) -> Tuple[int, int, int, int]:
+    h, w = slice_shape
+    sx, sy = scale_xy
+    d = rng.integers(0, JITTER_1024 + 1, size=4)
+    x0, y0, x1, y1 = box
+    return (
+        max(0, int(round(x0 - d[0] * sx))),
+        max(0, int(round(y0 - d[1] * sy))),
+        min(w - 1, int(round(x1 + d[2] * sx))),
+        min(h - 1, int(round(y1 + d[3] * sy))),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the official LiteMedSAM 3D inference, as the yardstick
+
+
+def _to_256_frame(mask: np.ndarray) -> np.ndarray:
+    """A slice mask as the official code sees it: longest side to 256 (INTER_AREA), zero padded."""
+    import cv2
+
+    h, w = mask.shape
+    s = 256.0 / max(h, w)
+    nh, nw = int(h * s + 0.5), int(w * s + 0.5)
+    small = cv2.resize(mask.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_AREA)
+    out = np.zeros((256, 256), dtype=np.uint8)
+    out[:nh, :nw] = small
+    return out
+
+
+def official_baseline(predictor, box2d, first: int, last: int) -> Dict[int, np.ndarray]:
+    """`MedSAM_infer_npz_3D` on one 3D box. Boxes are made at 256 scale as the official code makes
+    them and handed to the predictor in slice pixels that truncate back to the same 256-scale
+    integers (+0.25 px at 256 scale before dividing: int(v) of the predictor gives them back)."""
+    h, w = predictor.slice_shape
+    s = 256.0 / max(h, w)
+    middle = int((last - first) / 2 + first)
+    masks: Dict[int, np.ndarray] = {}
+
+    def run(index: int, box_256) -> None:
+        box = [(float(v) + 0.25) / s for v in box_256]
+        prob, _ = predictor.probabilities(index, [box])
+        masks[index] = prob[0] > 0.5
+
+    def next_box(prev: np.ndarray):
+        frame = _to_256_frame(prev)
+        if frame.max() == 0:
+            return [int(v * s) for v in box2d]
+        ys, xs = np.nonzero(frame)
+        shift = BASELINE_SHIFT_256
+        return [max(0, xs.min() - shift), max(0, ys.min() - shift), min(256, xs.max() + shift), min(256, ys.max() + shift)]
+
+    run(middle, [int(v * s) for v in box2d])
+    for index in range(middle + 1, last + 1):
+        run(index, next_box(masks[index - 1]))
+    for index in range(middle - 1, first - 1, -1):
+        run(index, next_box(masks[index + 1]))
+    return masks
+
+
+def stack(masks: Dict[int, np.ndarray], shape) -> np.ndarray:
+    out = np.zeros(shape, dtype=bool)
+    for index, mask in masks.items():
+        out[index] = mask
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# per structure
+
+
+def structure_notes(name: str, truth: np.ndarray, others: Dict[str, np.ndarray]) -> Dict[str, object]:
+    """Facts about a structure that decide how its numbers can be read (computed, not per name).
+
+    pieces: on the median slice, the largest 2D piece holds under half the structure's pixels (the
+        ribs: one box around a ring of ribs is no prompt for a box-prompted model).
+    ends: per end, "edge" (the truth reaches the volume's edge), "abuts X" (on the slice beyond the
+        end, labelled structure X covers at least half of the end slice's mask, and X does not
+        surround the structure: the vertebral columns split by level), or "free".
+    """
+    mid = median_slice(truth)
+    labels, count = ndimage.label(truth[mid], structure=np.ones((3, 3)))
+    sizes = np.bincount(labels.ravel())[1:]
+    pieces = bool(count > 1 and sizes.max() < 0.5 * truth[mid].sum())
+    first, last = extent(truth)
+    n = truth.shape[0]
+    (bx0, by0, bx1, by1), _ = box3d(truth)
+    ends = {}
+    for end, index, beyond in (("low", first, first - 1), ("high", last, last + 1)):
+        if not 0 <= beyond < n:
+            ends[end] = "edge"
+            continue
+        ends[end] = "free"
+        for other_name, other in others.items():
+            if other_name == name or (other[beyond] & truth[index]).sum() < 0.5 * truth[index].sum():
+                continue
+            (ox0, oy0, ox1, oy1), (ofirst, olast) = box3d(other)
+            surrounds = ox0 <= bx0 and oy0 <= by0 and ox1 >= bx1 and oy1 >= by1 and ofirst <= first and olast >= last
+            if not surrounds:
+                ends[end] = f"abuts {other_name}"
+                break
+    return {"pieces": pieces, "pieces_on_median_slice": int(count), "ends": ends}
+
+
+def ends_vs_truth(pred: np.ndarray, truth: np.ndarray) -> Tuple[Optional[int], Optional[int]]:
+    """(low, high): slices past the truth's end (+) or short of it (-); None for an empty result."""
+    ep, et = extent(pred), extent(truth)
+    if ep is None:
+        return None, None
+    return et[0] - ep[0], ep[1] - et[1]
+
+
+def evaluate(predictor, name: str, truth: np.ndarray, spacing_kji, model: str, key_every: int, rng_seed: int = 0) -> dict:
+    shape = truth.shape
+    row: Dict[str, object] = {"structure": name, "slices": int(truth.any(axis=(1, 2)).sum())}
+    present = [k for k in range(shape[0]) if truth[k].any()]
+    mid = median_slice(truth)
+    scale = box_scale(model, predictor.slice_shape)
+    rng = np.random.default_rng(rng_seed)
+
+    d_mid, s_mid = None, None
+    tight, jit = [], []
+    for k in present:
+        box = mask_bbox(truth[k])
+        mask, score = predictor(k, box)
+        tight.append(dice(mask, truth[k]))
+        if k == mid:
+            d_mid, s_mid = tight[-1], score
+        mask_j, _ = predictor(k, jittered_box(box, predictor.slice_shape, scale, rng))
+        jit.append(dice(mask_j, truth[k]))
+    row.update(seed_slice=mid, dice2d_median=d_mid, score_median=s_mid, dice2d_mean=float(np.mean(tight)),
+               dice2d_jitter=float(np.mean(jit)))
+
+    def record(mode: str, pred: np.ndarray, result=None) -> None:
+        row[f"dice_{mode}"] = dice(pred, truth)
+        row[f"nsd_{mode}"] = nsd(pred, truth, spacing_kji)
+        low, high = ends_vs_truth(pred, truth)
+        row[f"ends_{mode}"] = [low, high]
+        if result is not None:
+            row[f"reasons_{mode}"] = dict(result.stop_reasons)
+
+    t0 = time.time()
+    result = propagate_from_slice(predictor, mid, seed_box=mask_bbox(truth[mid]))
+    record("a", result.volume("k", shape), result)
+    row["seconds_a"] = time.time() - t0
+    box2d, (first, last) = box3d(truth)
+    result = segment_box3d(predictor, box2d, first, last)
+    record("b", result.volume("k", shape), result)
+    keys = sorted(set(list(range(first, last + 1, key_every)) + [last]))
+    keys = [k for k in keys if truth[k].any()]
+    result = segment_key_slices(predictor, {k: mask_bbox(truth[k]) for k in keys})
+    record("c", result.volume("k", shape), result)
+    row["key_slices"] = keys
+    record("base", stack(official_baseline(predictor, box2d, first, last), shape))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# windows
+
+
+def window_sweep(engine, volume, truths: Dict[str, np.ndarray], cache, windows=SWEEP_WINDOWS, per_structure: int = 9) -> dict:
+    """Mean tight-box 2D Dice per window and structure (on up to `per_structure` slices), and the
+    window the model's own score prefers on the median slice (argmax of the predicted IoU there)."""
+    out = {}
+    predictors = {w: SlicePredictor(engine, volume.array, from_width_level(*windows[w], name=w), "k", cache) for w in windows}
+    for name, truth in truths.items():
+        present = [k for k in range(truth.shape[0]) if truth[k].any()]
+        mid = median_slice(truth)
+        # at most `per_structure` slices, evenly spread, the median one included
+        present = sorted(set(present[int(round(t))] for t in np.linspace(0, len(present) - 1, per_structure)) | {mid})
+        per = {}
+        for wname, predictor in predictors.items():
+            ds = []
+            for k in present:
+                mask, score = predictor(k, mask_bbox(truth[k]))
+                ds.append(dice(mask, truth[k]))
+                if k == mid:
+                    per.setdefault("score_mid", {})[wname] = score
+                    per.setdefault("dice_mid", {})[wname] = ds[-1]
+            per.setdefault("dice_mean", {})[wname] = float(np.mean(ds))
+        per["picked_by_score"] = max(per["score_mid"], key=per["score_mid"].get)
+        per["best_mean"] = max(per["dice_mean"], key=per["dice_mean"].get)
+        out[name] = per
+    return out
+
+
+def print_window_sweep(sweep: dict) -> None:
+    names = list(next(iter(sweep.values()))["dice_mean"])
+    print("\n### 2D Dice (mean over up to 9 slices per structure, tight boxes) per window; * = window the model's score picks on the median slice\n")
+    print("| structure | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for name, per in sweep.items():
+        cells = []
+        for w in names:
+            mark = "*" if per["picked_by_score"] == w else ""
+            cells.append(f"{per['dice_mean'][w]:.3f}{mark}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+# ---------------------------------------------------------------------------------------------
+# table
+
+
+def fmt_end(value, note) -> str:
+    if note == "edge":
+        return "edge"
+    text = "-" if value is None else f"{value:+d}"
+    return text + (" (abuts)" if str(note).startswith("abuts") else "")
+
+
+def print_table(rows: List[dict]) -> None:
+    print("| structure | slices | 2D med | 2D mean | 2D jit | a Dice | a NSD | a ends (low, high) | b Dice | b NSD "
+          "| c Dice | c NSD | base Dice | base NSD | a stop reasons (down / up) |")
+    print("|---|" + "---|" * 14)
+    for r in rows:
+        name = r["structure"] + (" (pieces)" if r["notes"]["pieces"] else "")
+        ends = r["notes"]["ends"]
+        low, high = r["ends_a"]
+        reasons = r.get("reasons_a", {})
+        print(
+            f"| {name} | {r['slices']} | {r['dice2d_median']:.3f} | {r['dice2d_mean']:.3f} | {r['dice2d_jitter']:.3f} "
+            f"| {r['dice_a']:.3f} | {r['nsd_a']:.3f} | {fmt_end(low, ends['low'])}, {fmt_end(high, ends['high'])} "
+            f"| {r['dice_b']:.3f} | {r['nsd_b']:.3f} | {r['dice_c']:.3f} | {r['nsd_c']:.3f} "
+            f"| {r['dice_base']:.3f} | {r['nsd_base']:.3f} | {reasons.get('down', '')} / {reasons.get('up', '')} |"
+        )
+
+
+def summarise(rows: List[dict]) -> List[str]:
+    """The issue's goals, over structures that are one piece (free ends only for the end goal)."""
+    whole = [r for r in rows if not r["notes"]["pieces"]]
+    lines = []
+    ends = []
+    for r in whole:
+        for value, end in zip(r["ends_a"], ("low", "high")):
+            if r["notes"]["ends"][end] == "free" and r["dice2d_mean"] >= 0.85:
+                ends.append(value)
+    within = sum(1 for e in ends if e is not None and abs(e) <= 1)
+    past = max([e for e in ends if e is not None] + [0])
+    lines.append(f"mode a, free ends of structures with 2D Dice >= 0.85: {within}/{len(ends)} within +-1 slice, "
+                 f"worst overshoot {past} slices")
+    if whole:
+        a, b, c, base = (float(np.mean([r[f"dice_{m}"] for r in whole])) for m in ("a", "b", "c", "base"))
+        lines.append(f"mean 3D Dice over {len(whole)} one-piece structures: a {a:.3f}, b {b:.3f}, c {c:.3f}, baseline {base:.3f}")
+        worse = [r["structure"] for r in whole if r["dice_b"] < r["dice_base"] - 0.005]
+        lines.append("mode b below the official baseline on: " + (", ".join(worse) if worse else "none"))
+    return lines
+
+
+def parse_window(text: str, volume: np.ndarray):
+    text = (text or "auto").strip()
+    if "," in text or "/" in text:
+        width, level = (float(v) for v in text.replace("/", ",").split(","))
+        return choose_window(volume, window=(width, level))
+    return choose_window(volume, preset=text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="litemedsam", choices=("litemedsam", "medsam"))
+    parser.add_argument("--checkpoint", help="weights file (default: the model's own weights)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--structures", help="comma-separated names (default: every segment)")
+    parser.add_argument("--window", default="auto", help="auto, a preset name, or W,L (default auto)")
+    parser.add_argument("--key-every", type=int, default=5, help="mode c: a key slice every N slices (default 5)")
+    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "accuracy-eval"))
+    parser.add_argument("--window-sweep", action="store_true", help="also 2D Dice per window preset")
+    parser.add_argument("--json", help="write every number to this file")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+
+    ct_path, seg_path = sample_paths()
+    volume = read_volume(ct_path)
+    truths = read_segmentation_masks(seg_path, volume)
+    if args.structures:
+        wanted = [s.strip() for s in args.structures.split(",") if s.strip()]
+        missing = [s for s in wanted if s not in truths]
+        if missing:
+            parser.error(f"unknown structure(s) {', '.join(missing)}; the sample has {', '.join(truths)}")
+        chosen = {s: truths[s] for s in wanted}
+    else:
+        chosen = {s: t for s, t in truths.items() if t.any()}
+    spacing_kji = tuple(float(v) for v in np.asarray(volume.spacing)[::-1])
+
+    engine = load_engine(args.model, args.checkpoint, args.device, args.precision)
+    cache = EmbeddingCache(2 << 30, disk_dir=args.cache_dir)
+    window = parse_window(args.window, volume.array)
+    predictor = SlicePredictor(engine, volume.array, window, "k", cache)
+    print(f"model {args.model}, window {window.name} [{window.low:g}, {window.high:g}], CT {volume.shape_kji} "
+          f"spacing {spacing_kji} mm (k, j, i)\n")
+
+    rows = []
+    for name, truth in chosen.items():
+        row = evaluate(predictor, name, truth, spacing_kji, args.model, args.key_every)
+        row["notes"] = structure_notes(name, truth, truths)
+        rows.append(row)
+        print(f"  {name}: 2D {row['dice2d_mean']:.3f}, a {row['dice_a']:.3f}, b {row['dice_b']:.3f}, "
+              f"c {row['dice_c']:.3f}, base {row['dice_base']:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+    print_table(rows)
+    print()
+    lines = summarise(rows)
+    for line in lines:
+        print(line)
+    out = {"model": args.model, "window": [window.low, window.high, window.name], "rows": rows, "summary": lines}
+    if args.window_sweep:
+        out["window_sweep"] = window_sweep(engine, volume, chosen, cache)
+        print_window_sweep(out["window_sweep"])
+    print(f"\n{time.time() - t0:.0f} s, {predictor.encoded} slices encoded (the rest from the cache)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
