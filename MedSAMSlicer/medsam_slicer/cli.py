@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--probabilities", metavar="FILE", help="also write the foreground probability (float32)")
     seg.add_argument("--force", action="store_true", help="overwrite existing output files")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    seg.add_argument("--format", default="auto", choices=["auto", "dicom-seg", "rtstruct"],
+                     help="for a .dcm output: DICOM SEG (default) or RT Structure Set; needs a DICOM series input")
     _add_engine_options(seg)
 
     demo = sub.add_parser("demo", help="segment the right lung of slicerio's CT chest sample and report Dice")

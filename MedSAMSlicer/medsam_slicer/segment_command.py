@@ -24,34 +24,42 @@ class Job:
     keys: Optional[Dict[int, Tuple[int, int, int, int]]] = None
 
 
+def box_job(values, shape_kji, axis: str, propagate: bool = False, name: str = "") -> Job:
+    """One --box: a flat box segments its slice (or grows from it), a spanning box is a 3D box."""
+    box = Box3D.from_corners(values, shape_kji)
+    first, last = box.slice_range(axis)
+    if first == last:
+        mode = "propagate" if propagate else "slice"
+    else:
+        mode = "box3d"
+    return Job(name, mode, box.in_plane(axis), first, last)
+
+
+def key_boxes_job(boxes, shape_kji, axis: str, name: str = "", flag: str = "--key-box") -> Job:
+    """Key boxes of ONE structure, each flat along the axis, on at least two different slices."""
+    keys: Dict[int, Tuple[int, int, int, int]] = {}
+    for values in boxes:
+        box = Box3D.from_corners(values, shape_kji)
+        first, last = box.slice_range(axis)
+        if first != last:
+            raise InputError(f"{flag} {' '.join(str(int(v)) for v in values)} spans slices {first}-{last}: "
+                             f"a key box lies on one slice along {axis}")
+        if first in keys:
+            raise InputError(f"two key boxes on slice {first}")
+        keys[first] = box.in_plane(axis)
+    if len(keys) < 2:
+        raise InputError("key-slice mode needs boxes on at least two slices")
+    return Job(name, "keys", keys=keys, first=min(keys), last=max(keys))
+
+
 def plan_jobs(args, shape_kji) -> List[Job]:
     """Turns --box / --key-box / --name into jobs, refusing bad boxes before any model work."""
     axis = check_axis(args.axis)
     if not args.box and not args.key_box:
         raise InputError("give at least one --box (or --key-box)")
-    jobs: List[Job] = []
-    for values in args.box:
-        box = Box3D.from_corners(values, shape_kji)
-        first, last = box.slice_range(axis)
-        if first == last:
-            mode = "propagate" if args.propagate else "slice"
-        else:
-            mode = "box3d"
-        jobs.append(Job("", mode, box.in_plane(axis), first, last))
+    jobs = [box_job(values, shape_kji, axis, args.propagate) for values in args.box]
     if args.key_box:
-        keys: Dict[int, Tuple[int, int, int, int]] = {}
-        for values in args.key_box:
-            box = Box3D.from_corners(values, shape_kji)
-            first, last = box.slice_range(axis)
-            if first != last:
-                raise InputError(f"--key-box {' '.join(str(int(v)) for v in values)} spans slices {first}-{last}: "
-                                 f"a key box lies on one slice along {axis}")
-            if first in keys:
-                raise InputError(f"two key boxes on slice {first}")
-            keys[first] = box.in_plane(axis)
-        if len(keys) < 2:
-            raise InputError("key-slice mode needs boxes on at least two slices")
-        jobs.append(Job("", "keys", keys=keys, first=min(keys), last=max(keys)))
+        jobs.append(key_boxes_job(args.key_box, shape_kji, axis))
     if len(args.name) > len(jobs):
         raise InputError(f"{len(args.name)} names for {len(jobs)} segments")
     for n, job in enumerate(jobs):
@@ -130,14 +138,15 @@ def run_job(session, job: Job, axis: str, args):
 
 
 def run_segment(args) -> int:
-    from .volume_io import check_output_path, read_volume, write_output, write_probabilities
+    from .clinical_io import check_output, write_segments
+    from .volume_io import check_output_path, read_volume, write_probabilities
     from .windowing import IntensityWindow, choose_window
 
     axis = check_axis(args.axis)
     volume = read_volume(args.input)
     for note in volume.notes:
         print(f"note: {note}", file=sys.stderr)
-    check_output_path(args.output, args.force)
+    fmt = check_output(args.output, args.input, getattr(args, "format", None), args.force)
     _refuse_overwriting_input(args.output, args.input)
     if args.probabilities:
         if os.path.abspath(args.probabilities) == os.path.abspath(args.output):
@@ -165,7 +174,7 @@ def run_segment(args) -> int:
             _report(job, result.masks, result.stop_reasons)
     finally:
         session.close()
-    write_output(args.output, segments, volume, overwrite=args.force)
+    write_segments(args.output, segments, volume, args.input, fmt, overwrite=args.force)
     if args.probabilities:
         write_probabilities(args.probabilities, probability, volume, overwrite=args.force)
     return 0
