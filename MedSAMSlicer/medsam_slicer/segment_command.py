@@ -85,7 +85,8 @@ def open_session(args, array: np.ndarray, window):
     if getattr(args, "server", None):
         from .server.client import RemoteEngine
 
-        return RemoteEngine(args.server, token=args.token).open_session(array, window)
+        return RemoteEngine(args.server, token=args.token).open_session(array, window,
+                                                                        model=getattr(args, "model", None))
     from .cache import default_cache
     from .engine import MedSAMEngine
     from .session import LocalSession

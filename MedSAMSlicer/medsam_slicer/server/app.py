@@ -112,6 +112,8 @@ class Geometry(_Strict):
 
 class CreateSession(_Strict):
     volume: ArrayPayload
+    model: Optional[str] = Field(None, max_length=64, description="one of the server's models (GET /v1/info); "
+                                 "default: the first it holds")
     window: WindowSpec = Field(default_factory=lambda: WindowSpec(preset="auto"))
     geometry: Optional[Geometry] = None
 
@@ -128,6 +130,7 @@ class SessionInfo(BaseModel):
     shape: List[int]
     dtype: str
     volume_key: str
+    model: str
     window: WindowOut
     geometry: Optional[Geometry] = None
     idle_timeout_s: float
@@ -237,9 +240,12 @@ class Job:
 
 
 class Session:
-    def __init__(self, sid: str, owner: str, volume: np.ndarray, window: IntensityWindow, geometry):
+    def __init__(self, sid: str, owner: str, volume: np.ndarray, window: IntensityWindow, geometry,
+                 engine=None, model: str = ""):
         self.id = sid
         self.owner = owner
+        self.engine = engine  # the model this session was opened with (one of the server's)
+        self.model = model
         self.volume = volume
         self.window = window
         self.geometry = geometry
@@ -272,6 +278,7 @@ class Session:
             "shape": [int(n) for n in self.volume.shape],
             "dtype": self.volume.dtype.name,
             "volume_key": self.volume_key,
+            "model": self.model,
             "window": {"low": float(w.low), "high": float(w.high), "keep_zero": bool(w.keep_zero), "name": w.name},
             "geometry": self.geometry,
             "idle_timeout_s": idle_timeout_s,
@@ -284,14 +291,31 @@ def _owner_tag(token: Optional[str]) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:24]
 
 
+def engines_by_name(engines) -> "Dict[str, Any]":
+    """{model name: engine}, in the order given (the first is the default); one engine per family."""
+    if not isinstance(engines, (list, tuple)):
+        engines = [engines]
+    if not engines:
+        raise InputError("the server needs at least one model")
+    named: Dict[str, Any] = {}
+    for engine in engines:
+        name = engine.family.NAME
+        if name in named:
+            raise InputError(f"two {name} models: a server holds one model per name")
+        named[name] = engine
+    return named
+
+
 class ServerState:
-    def __init__(self, engine, tokens: Optional[List[str]], cache_mb: Optional[float], **limits):
-        self.engine = engine
+    def __init__(self, engines, tokens: Optional[List[str]], cache_mb: Optional[float], **limits):
+        self.engines = engines_by_name(engines)
+        self.default_model = next(iter(self.engines))
+        self.engine = self.engines[self.default_model]
         self.limits = dict(DEFAULTS, **limits)
         self.tokens = [(t.encode(), _owner_tag(t)) for t in (tokens or [])]
-        budget = int(cache_mb * 2**20) if cache_mb else default_budget_bytes(engine.device)
-        self.cache = EmbeddingCache(budget)
-        self.scheduler = Scheduler(engine, max_batch=self.limits["max_batch"])
+        budget = int(cache_mb * 2**20) if cache_mb else default_budget_bytes(self.engine.device)
+        self.cache = EmbeddingCache(budget)  # one budget for every model (keys include the model)
+        self.scheduler = Scheduler(max_batch=self.limits["max_batch"])
         self.sessions: Dict[str, Session] = {}
         self.jobs: Dict[Tuple[str, str], Job] = {}
         self.lock = threading.Lock()
@@ -317,12 +341,25 @@ class ServerState:
             raise _http(403, "token_rejected", "the server rejected this token")
         return owner
 
+    # -- models -------------------------------------------------------------------------------------
+
+    def model(self, name: Optional[str]) -> Tuple[str, Any]:
+        """(name, engine) of one of the server's models; None: the default (the first)."""
+        if name is None or not str(name).strip():
+            return self.default_model, self.engine
+        key = str(name).strip().lower()
+        engine = self.engines.get(key)
+        if engine is None:
+            raise _http(400, "unknown_model", f"this server has no model '{str(name)[:64]}': it holds "
+                        f"{', '.join(self.engines)}")
+        return key, engine
+
     # -- sessions -----------------------------------------------------------------------------------
 
     def new_predictor(self, session: Session, axis: str, job: Optional[Job]) -> ScheduledPredictor:
         return ScheduledPredictor(
             self.scheduler, session.id, job is None, job.cancel if job is not None else None,
-            engine=self.engine, volume=session.volume, window=session.window, axis=axis, cache=self.cache,
+            engine=session.engine, volume=session.volume, window=session.window, axis=axis, cache=self.cache,
             key=session.key,
         )
 
@@ -402,6 +439,7 @@ class ServerState:
     def info(self, owner: str) -> Dict[str, Any]:
         engine = self.engine
         arch = getattr(engine, "architecture", None)
+        models = [_model_info(name, e, name == self.default_model) for name, e in self.engines.items()]
         gpu = None
         if str(engine.device).startswith("cuda"):
             try:
@@ -421,8 +459,9 @@ class ServerState:
             "version": __version__,
             "api": API_VERSION,
             "architecture": getattr(arch, "name", arch),
-            "model": getattr(getattr(engine, "family", None), "NAME", None),
+            "model": self.default_model,  # the default; every model the server holds is in "models"
             "model_id": engine.model_id,
+            "models": models,
             "device": engine.device,
             "precision": engine.precision,
             "gpu": gpu,
@@ -437,6 +476,13 @@ class ServerState:
             "worker": dict(self.scheduler.stats),
             "uptime_s": round(time.time() - self.started, 1),
         }
+
+
+def _model_info(name: str, engine, default: bool) -> Dict[str, Any]:
+    arch = getattr(engine, "architecture", None)
+    return {"name": name, "title": engine.family.TITLE, "model_id": engine.model_id,
+            "architecture": getattr(arch, "name", arch), "input_size": int(engine.family.INPUT_SIZE),
+            "device": engine.device, "precision": engine.precision, "default": default}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,12 +590,13 @@ def _rules(rules: Optional[Rules]):
 # the application
 
 
-def create_app(engine, tokens: Optional[List[str]] = None, cache_mb: Optional[float] = None, **limits) -> FastAPI:
-    """The FastAPI app around a loaded engine; `limits` override DEFAULTS."""
+def create_app(engines, tokens: Optional[List[str]] = None, cache_mb: Optional[float] = None, **limits) -> FastAPI:
+    """The FastAPI app around loaded engines (one, or a list: the first is the default model);
+    `limits` override DEFAULTS."""
     unknown = set(limits) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown server limits: {', '.join(sorted(unknown))}")
-    state = ServerState(engine, tokens, cache_mb, **limits)
+    state = ServerState(engines, tokens, cache_mb, **limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -560,7 +607,8 @@ def create_app(engine, tokens: Optional[List[str]] = None, cache_mb: Optional[fl
         lifespan=lifespan,
         title="MedSAM Slicer server",
         version=__version__,
-        description="MedSAM ViT-B with box prompts, for 3D Slicer. All model work runs on one GPU worker "
+        description="MedSAM and LiteMedSAM with box prompts, for 3D Slicer. A session names its model "
+        "(GET /v1/info lists them). All model work runs on one GPU worker "
         "shared fairly by every session. Authenticate with `Authorization: Bearer <token>` when the server "
         "has tokens.",
         responses={400: {"model": ErrorReply}, 401: {"model": ErrorReply}, 403: {"model": ErrorReply},
@@ -610,12 +658,14 @@ def create_app(engine, tokens: Optional[List[str]] = None, cache_mb: Optional[fl
     @app.post(f"{P}/sessions", tags=["sessions"], response_model=SessionInfo, status_code=201,
               summary="Upload a volume once and open a session on it")
     def create_session(req: CreateSession, who: str = Depends(owner)):
+        model, engine = state.model(req.model)
         volume = decode_array(req.volume.model_dump(), int(state.limits["max_volume_mb"] * 2**20))
         window = _resolve_window(req.window, volume)
         geometry = req.geometry.model_dump() if req.geometry is not None else None
-        session = Session(secrets.token_urlsafe(16), who, volume, window, geometry)
+        session = Session(secrets.token_urlsafe(16), who, volume, window, geometry, engine, model)
         state.add_session(session)
-        log.info("session %s: %s %s, window %s", session.id[:8], list(volume.shape), volume.dtype, window.name)
+        log.info("session %s: %s %s, window %s, model %s", session.id[:8], list(volume.shape), volume.dtype,
+                 window.name, model)
         return session.info(state.limits["idle_timeout_s"])
 
     @app.get(f"{P}/sessions/{{session_id}}", tags=["sessions"], response_model=SessionInfo)
@@ -931,10 +981,32 @@ def _check_port_free(host: str, port: int) -> None:
                              "choose another --port)") from None
 
 
+def model_plan(models=None, checkpoints=None) -> List[Tuple[Optional[str], Optional[str]]]:
+    """(model name or None, checkpoint or None) per model to load, checked before loading anything.
+
+    models: registry names (repeatable --model); checkpoints: one file, or one per model in the same
+    order (repeatable --checkpoint); a checkpoint given without a model names its family by its tensors.
+    """
+    from ..models import DEFAULT_MODEL, check_model
+
+    models = [check_model(m) for m in (models or [])]
+    if isinstance(checkpoints, str):
+        checkpoints = [checkpoints]
+    checkpoints = [c for c in (checkpoints or []) if c is not None and str(c).strip()]
+    if len(set(models)) != len(models):
+        raise InputError(f"--model {' '.join(models)}: each model once")
+    if models and checkpoints and len(checkpoints) != len(models):
+        raise InputError(f"{len(checkpoints)} --checkpoint for {len(models)} --model: give none (each model's own "
+                         "weights) or one per --model, in the same order")
+    if not models:
+        return [(None, c) for c in checkpoints] or [(DEFAULT_MODEL, None)]
+    return [(m, checkpoints[n] if checkpoints else None) for n, m in enumerate(models)]
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
-    checkpoint: Optional[str] = None,
+    checkpoint=None,
     models=None,
     device: str = "auto",
     precision: str = "auto",
@@ -945,7 +1017,9 @@ def serve(
     engine=None,
     **limits,
 ) -> None:
-    """Loads the model once and serves until interrupted. `limits`: see DEFAULTS."""
+    """Loads the models once and serves until interrupted. `models`: registry names, the first is
+    the default; `checkpoint`: a file or one per model (see model_plan); `engine`: loaded engine(s)
+    to serve instead; `limits`: see DEFAULTS."""
     import uvicorn
 
     if not logging.getLogger().handlers:
@@ -958,13 +1032,14 @@ def serve(
     if engine is None:
         from ..engine import MedSAMEngine
 
-        if models and len(models) > 1:
-            raise InputError("one --model per server for now: run one server per model")
-        engine = MedSAMEngine.load(models[0] if models else None, checkpoint, device=device, precision=precision,
-                                   progress=True)
-    app = create_app(engine, tokens=tokens, cache_mb=cache_mb, **limits)
-    arch = f"{engine.family.TITLE} ({getattr(engine, 'architecture', '?')})"
-    print(f"medsam-slicer {__version__} serving {arch} on {engine.device} ({engine.precision}) at "
+        engines = [MedSAMEngine.load(name, path, device=device, precision=precision, progress=True)
+                   for name, path in model_plan(models, checkpoint)]
+    else:
+        engines = list(engine) if isinstance(engine, (list, tuple)) else [engine]
+    app = create_app(engines, tokens=tokens, cache_mb=cache_mb, **limits)
+    held = ", ".join(f"{e.family.NAME}: {e.family.TITLE} ({getattr(e, 'architecture', '?')})" for e in engines)
+    first = engines[0]
+    print(f"medsam-slicer {__version__} serving {held} on {first.device} ({first.precision}) at "
           f"http://{host}:{port}{API_PREFIX} ({'token required' if tokens else 'no token: loopback only'})",
           flush=True)
     config = uvicorn.Config(app, host=host, port=int(port), log_level=log_level, server_header=False,

@@ -238,11 +238,18 @@ class RemoteEngine:
             )
         return info
 
-    def open_session(self, volume: np.ndarray, window=None, geometry: Optional[Dict[str, Any]] = None) -> "RemoteSession":
-        """Uploads `volume` ([k, j, i]) once. window: IntensityWindow, (width, level), a preset name or None (auto)."""
+    def models(self) -> Tuple[str, ...]:
+        """Names of the models the server holds; the first is its default."""
+        info = self._info or self.info()
+        return tuple(str(m["name"]) for m in info.get("models", ())) or (str(info.get("model")),)
+
+    def open_session(self, volume: np.ndarray, window=None, geometry: Optional[Dict[str, Any]] = None,
+                     model: Optional[str] = None) -> "RemoteSession":
+        """Uploads `volume` ([k, j, i]) once. window: IntensityWindow, (width, level), a preset name or None
+        (auto); model: one of the server's models (`models()`), None for its default."""
         if self._info is None:
             self.check()
-        return RemoteSession(self, volume, window, geometry)
+        return RemoteSession(self, volume, window, geometry, model=model)
 
     def close(self) -> None:
         self._http.close()
@@ -276,10 +283,12 @@ class RemotePredictor:
 class RemoteSession:
     """Same methods and return types as `LocalSession`, computed by the server."""
 
-    def __init__(self, engine: RemoteEngine, volume: np.ndarray, window=None, geometry=None):
+    def __init__(self, engine: RemoteEngine, volume: np.ndarray, window=None, geometry=None,
+                 model: Optional[str] = None):
         from ..predictor import volume_key
 
         self.engine = engine
+        self.model: Optional[str] = str(model).strip().lower() if model else None
         self.volume = _wire_volume(volume)
         self.geometry = geometry
         self.key = volume_key(self.volume)
@@ -293,11 +302,14 @@ class RemoteSession:
 
     def _upload(self) -> None:
         body = {"volume": encode_array(self.volume), "window": self._window_request}
+        if self.model is not None:
+            body["model"] = self.model
         if self.geometry is not None:
             body["geometry"] = _jsonable_geometry(self.geometry)
         reply = self.engine.request("POST", "/sessions", body, idempotent=False, upload=True).json()
         self.session_id = reply["session_id"]
         self.window = _window_from_reply(reply)
+        self.model = str(reply.get("model") or "") or None  # a re-upload asks for the same model
         # a re-upload must reproduce this window exactly, whatever the preset resolved to
         self._window_request = _window_spec(self.window)
         self.uploads += 1

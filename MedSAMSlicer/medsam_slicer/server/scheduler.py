@@ -13,8 +13,10 @@ it stops, goes back to the front of its queue, and the prompt runs first (with a
 encoder supports `interrupt`, see fast_encoder). A prompt then waits for about one transformer
 block of background work, not a whole slice.
 
+Models: each task runs on its predictor's engine, so one worker serves every model the server holds.
+
 Batching: when the task picked needs the encoder, the worker encodes in the same
-`engine.encode_batch` call the other waiting slices of the same class: every waiting interactive
+`engine.encode_batch` call the other waiting slices of the same class and model: every waiting interactive
 slice (several users prompting at once), or the head slice of each other session's bulk queue
 (several propagations at once). One step therefore encodes at most one slice per session.
 """
@@ -68,8 +70,17 @@ class _Task:
         return self.job is not None and self.job.is_set()
 
 
+def _interruptible(engine) -> bool:
+    try:
+        return "interrupt" in inspect.signature(engine.encode_batch).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class Scheduler:
-    def __init__(self, engine, max_batch: int = 4):
+    """engine: optional; it only answers `interruptible` (each task runs on its predictor's engine)."""
+
+    def __init__(self, engine=None, max_batch: int = 4):
         self.engine = engine
         self.max_batch = max(1, int(max_batch))
         self._cond = threading.Condition()
@@ -78,10 +89,7 @@ class Scheduler:
         self._stopped = False
         self.stats = {"tasks": 0, "encoder_calls": 0, "encoded_slices": 0, "largest_batch": 0, "decodes": 0,
                       "preempted": 0}
-        try:
-            self._interruptible = "interrupt" in inspect.signature(engine.encode_batch).parameters
-        except (TypeError, ValueError):
-            self._interruptible = False
+        self._interruptible = engine is not None and _interruptible(engine)
         self._thread = threading.Thread(target=self._run, name="medsam-gpu-worker", daemon=True)
         self._thread.start()
 
@@ -169,7 +177,9 @@ class Scheduler:
             return
         embedding = None
         if task.needs_encoder():
-            batch = [task] + [p for p in peers if not p.abandoned() and p.needs_encoder()]
+            engine = task.predictor.engine
+            batch = [task] + [p for p in peers
+                              if p.predictor.engine is engine and not p.abandoned() and p.needs_encoder()]
             try:
                 embedding = self._encode(batch[: self.max_batch], preemptible=not task.interactive)
             except _Interrupted:
@@ -183,7 +193,7 @@ class Scheduler:
             embedding = pred.cache.get(pred.cache_key(task.index))
             if embedding is None:  # evicted between its encode and now (tiny cache budget)
                 embedding = self._encode([task])
-        probs, scores = self.engine.decode(embedding, np.asarray(task.boxes, dtype=np.float64), pred.slice_shape)
+        probs, scores = pred.engine.decode(embedding, np.asarray(task.boxes, dtype=np.float64), pred.slice_shape)
         self.stats["decodes"] += 1
         task.future.set_result((probs, scores))
 
@@ -214,15 +224,16 @@ class Scheduler:
                 if t is tasks[0]:
                     raise
                 t.future.set_exception(exc)
-        if preemptible and self._interruptible:
+        engine = tasks[0].predictor.engine
+        if preemptible and _interruptible(engine):
             try:
-                embs = self.engine.encode_batch(images, interrupt=self._prompt_waiting)
+                embs = engine.encode_batch(images, interrupt=self._prompt_waiting)
             except Exception as exc:
                 if type(exc).__name__ == "EncodeInterrupted":
                     raise _Interrupted() from None
                 raise
         else:
-            embs = self.engine.encode_batch(images)
+            embs = engine.encode_batch(images)
         self.stats["encoder_calls"] += 1
         self.stats["encoded_slices"] += len(images)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
