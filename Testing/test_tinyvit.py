@@ -92,10 +92,10 @@ def test_fast_fp32_equals_vendored(ours, batch, reference_embedding):
 def test_fast_bf16_stays_close(ours, batch, reference_embedding):
     got = prepare_fast_encoder(ours, "bf16", "cpu")(batch)
     assert got.dtype == torch.float32
-    # Measured on these slices: max 0.061, RMS 0.0046 of the embedding's max |value|.
-    assert max_rel_err(got, reference_embedding) < 0.12
+    # Measured on CT slices: max 0.029-0.038, RMS 0.0030-0.0033 of the embedding's max |value|.
+    assert max_rel_err(got, reference_embedding) < 0.08
     rms = float((got - reference_embedding).pow(2).mean().sqrt() / reference_embedding.abs().max())
-    assert rms < 0.01
+    assert rms < 0.007
 
 
 def test_interrupt_raises_between_blocks(ours, batch):

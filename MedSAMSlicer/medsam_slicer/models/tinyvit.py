@@ -280,8 +280,9 @@ class FastTinyViT:
 
     Activations are NHWC (channels-last) from end to end, so that every 1x1 convolution is one
     matrix product over the pixels (``F.linear``) and the transformer stages need no layout changes.
-    The stream between blocks stays float32; the matrix products, attention and the convolutions
-    inside MBConv and patch merging run in ``dtype``.
+    The stream between blocks stays float32, as do layer norms, the local convs, the patch
+    embedding and the patch mergings; the MBConv, attention, MLP and neck convolutions run in
+    ``dtype``.
     """
 
     def __init__(self, encoder: TinyViTEncoder, dtype=torch.float32, device="cpu", attention=None):
@@ -301,15 +302,19 @@ class FastTinyViT:
             return cp(w, to), cp(b, to)
 
         with torch.no_grad():
+            # The patch embedding and the patch mergings stay float32 whatever `dtype` is: they hold
+            # under 10% of the arithmetic but, in bfloat16, half of the embedding's error (the
+            # input itself is not exact in bfloat16).
+            f32 = torch.float32
             seq = encoder.patch_embed.seq
-            self.embed = (conv(seq[0]), conv(seq[2]))
+            self.embed = (conv(seq[0], f32), conv(seq[2], f32))
             self.mbconv = []
             for blk in encoder.layers[0].blocks:
                 self.mbconv.append((conv(blk.conv1), conv(blk.conv2), conv(blk.conv3)))
             self.merges = []
             for stage in encoder.layers[:3]:
                 ds = stage.downsample
-                self.merges.append((conv(ds.conv1), conv(ds.conv2), conv(ds.conv3), ds.conv2.c.stride[0]))
+                self.merges.append((conv(ds.conv1, f32), conv(ds.conv2, f32), conv(ds.conv3, f32), ds.conv2.c.stride[0]))
             self.stages = [[self._block(blk, cp, conv) for blk in stage.blocks] for stage in encoder.layers[1:]]
             neck = encoder.neck
             self.neck1 = cp(neck[0].weight[:, :, 0, 0])
@@ -341,9 +346,8 @@ class FastTinyViT:
 
     def _merge(self, x, weights):
         (w1, b1), (w2, b2), (w3, b3), stride = weights
-        y = _gelu_(F.linear(x.to(self.dtype), w1, b1))
-        y = _gelu_(_dwconv(y, w2, b2, stride).contiguous())
-        return F.linear(y, w3, b3).float()
+        y = _gelu_(F.linear(x, w1, b1))  # float32, see __init__
+        return F.linear(_gelu_(_dwconv(y, w2, b2, stride)), w3, b3)
 
     def _mbconv(self, x, weights):
         """One MBConv on the float32 NHWC stream, in bands of rows.
@@ -408,9 +412,9 @@ class FastTinyViT:
                 raise EncodeInterrupted()
 
         with torch.inference_mode():
-            x = x.to(self.device, self.dtype).permute(0, 2, 3, 1)
+            x = x.to(self.device, torch.float32).permute(0, 2, 3, 1)
             (w1, b1), (w2, b2) = self.embed
-            x = F.linear(_gelu_(F.linear(x, w1, b1)), w2, b2).float().contiguous()
+            x = F.linear(_gelu_(F.linear(x, w1, b1)), w2, b2)
             for weights in self.mbconv:
                 check()
                 x = self._mbconv(x, weights)
