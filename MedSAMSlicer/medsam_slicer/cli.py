@@ -1,4 +1,4 @@
-"""The `medsam-slicer` command line: segment, demo, weights, bench, serve.
+"""The `medsam-slicer` command line: segment, batch, demo, weights, bench, serve.
 
 User mistakes print one line (`medsam-slicer: error: ...`) and exit with code 2; arguments and
 files are checked before the model is loaded, and no output file is left behind on failure.
@@ -77,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for a .dcm output: DICOM SEG (default) or RT Structure Set; needs a DICOM series input")
     _add_engine_options(seg)
 
+    batch = sub.add_parser("batch", help="segment many volumes from a JSON Lines manifest", description=(
+        "One case per line: {\"input\": ..., \"output\": ..., \"window\": [W, L] or \"preset\": ..., "
+        "\"segments\": [{\"name\": ..., \"box\": [I0, J0, K0, I1, J1, K1], \"propagate\": true} or "
+        "{\"name\": ..., \"key_boxes\": [[...], ...]}]}, paths relative to the manifest. Boxes as in segment."))
+    batch.add_argument("manifest", help="JSON Lines file, one case per line")
+    _add_model_option(batch)
+    batch.add_argument("--checkpoint", metavar="FILE", help="weights file; default: the model's own")
+    batch.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    batch.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on Ray: a cluster's address, or none to use RAY_ADDRESS or start a local Ray")
+    batch.add_argument("--workers", type=int, help="processes here, or Ray actors (default: 1; with Ray, one per GPU)")
+    batch.add_argument("--report", metavar="FILE", help="write a CSV report, one row per case")
+    batch.add_argument("--force", action="store_true", help="redo cases whose output exists")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+
     demo = sub.add_parser("demo", help="segment the right lung of slicerio's CT chest sample and report Dice")
     demo.add_argument("-o", "--output-dir", default="demo-output")
     demo.add_argument("--force", action="store_true")
@@ -130,6 +146,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .segment_command import run_segment
 
             return run_segment(args)
+        if args.command == "batch":
+            from .batch import run_batch
+
+            return run_batch(args)
         if args.command == "demo":
             from .demo import run_demo
 

@@ -57,9 +57,16 @@ def output_format(path: str, fmt: Optional[str] = None) -> str:
 
 
 def require_dicom_input(input_path: str, fmt: str) -> None:
-    """A clinical output references a DICOM series: refuse any other input in one line."""
+    """A clinical output references a DICOM series: refuse any other input (or missing libraries) in one line."""
     if fmt in CLINICAL_FORMATS and not os.path.isdir(os.path.expanduser(str(input_path))):
         raise InputError(f"{fmt} output needs a DICOM series folder as input, not '{input_path}'")
+    if fmt in CLINICAL_FORMATS:
+        import importlib.util
+
+        needed = ("pydicom", "highdicom") if fmt == "dicom-seg" else ("pydicom",)
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        if missing:
+            raise InputError(f"{fmt} output needs {' and '.join(missing)}: pip install \"medsam-slicer[dicom]\"")
 
 
 def check_output(path: str, input_path: str, fmt: Optional[str] = None, overwrite: bool = False) -> str:
