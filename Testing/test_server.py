@@ -210,6 +210,22 @@ def test_repropagate_matches_local(remote, local):
     assert_same_result(a, b)
 
 
+def test_every_mode_with_defaults_only_matches_local(remote, local):
+    """No option given: each side's defaults decide, so a default written twice and drifted shows here."""
+    (mask, score), (expected, expected_score) = remote.segment_slice("k", 5, BOX), local.segment_slice("k", 5, BOX)
+    assert np.array_equal(mask, expected) and score == expected_score
+    grown = local.propagate("k", 5, seed_box=BOX)
+    assert_same_result(remote.propagate("k", 5, seed_box=BOX), grown)
+    assert_same_result(remote.segment_box3d("k", BOX, 3, 6), local.segment_box3d("k", BOX, 3, 6))
+    keys = {2: [28, 38, 86, 96], 7: [35, 45, 95, 100]}
+    assert_same_result(remote.segment_key_slices("k", keys), local.segment_key_slices("k", keys))
+    corrected_index = max(grown.masks)
+    corrected = np.zeros_like(grown.masks[corrected_index])
+    corrected[50:80, 40:70] = True
+    assert_same_result(remote.repropagate("k", grown, corrected_index, corrected, 5),
+                       local.repropagate("k", grown, corrected_index, corrected, 5))
+
+
 def test_set_window_matches_local(server, tiny_engine, volume):
     remote = RemoteEngine(server.url).open_session(volume, "ct-lung")
     local = LocalSession(tiny_engine, volume, choose_window(volume, preset="ct-lung"))

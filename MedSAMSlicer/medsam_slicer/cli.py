@@ -124,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"model(s) to hold, repeat for several; requests name theirs (default: {DEFAULT_MODEL})")
     serve.add_argument("--checkpoint", metavar="FILE", action="append",
                        help="weights instead of the model's own: one per --model, in the same order")
-    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    from .engine import PRECISIONS
+    from .server.protocol import DEVICES
+
+    serve.add_argument("--device", default="auto", choices=DEVICES)
+    serve.add_argument("--precision", default="auto", choices=PRECISIONS)
     tok = serve.add_mutually_exclusive_group()
     tok.add_argument("--token", help="bearer token clients must send (required off loopback)")
     tok.add_argument("--token-file", metavar="FILE", help="one token per line (one per user)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -44,12 +43,26 @@ from ..predictor import volume_key
 from ..propagation import check_box
 from ..slicing import check_axis, slice_count, slice_shape
 from ..windowing import IntensityWindow, choose_window
-from .protocol import API_PREFIX, JOB_ID_PATTERN, decode_array, decode_mask, encode_mask
+from .protocol import (
+    API_PREFIX,
+    API_VERSION,
+    DEVICES,
+    JOB_ID_PATTERN,
+    JOB_OPTIONS,
+    check_index,
+    decode_array,
+    decode_mask,
+    encode_mask,
+    option_default,
+    rule_fields,
+    rules_from_wire,
+    window_from_wire,
+    window_to_wire,
+)
 from .scheduler import Scheduler, ScheduledPredictor, SessionGone
 
 log = logging.getLogger("medsam_slicer.server")
 
-API_VERSION = 1
 MIN_TOKEN_LENGTH = 16
 DEFAULTS = dict(
     max_sessions=16,  # sessions alive at once (all tokens)
@@ -154,22 +167,40 @@ class PrefetchRequest(_Strict):
     indices: List[int] = Field(max_length=4096)
 
 
-class Rules(_Strict):
-    """Stop rules of open-ended growth (see propagation.StopRules); omitted fields keep defaults."""
+def _rules_model():
+    """The wire form of propagation.StopRules, one optional field per rule (a new rule is written once)."""
+    from pydantic import create_model
 
-    min_area: Optional[int] = None
-    max_area_ratio: Optional[float] = None
-    check_centroid: Optional[bool] = None
-    min_score: Optional[float] = None
-    max_slices: Optional[int] = None
+    fields = {name: (Optional[kind], Field(None, description=f"default {getattr(_default_rules(), name)!r}"))
+              for name, kind in rule_fields().items()}
+    model = create_model("Rules", __base__=_Strict, **fields)
+    model.__doc__ = ("Stop rules of open-ended growth (see propagation.StopRules): an omitted field keeps its "
+                     "default, an explicit null switches that rule off.")
+    return model
+
+
+def _default_rules():
+    from ..propagation import StopRules
+
+    return StopRules()
+
+
+Rules = _rules_model()
+
+
+def _option(route: str, name: str, description: str = "", **kw):
+    """A job option left out of a request takes the propagation function's own default (shown here)."""
+    text = f"{description}; " if description else ""
+    return Field(None, description=f"{text}default: {option_default(route, name)!r}", **kw)
 
 
 class _JobOptions(_Strict):
     axis: str = "k"
-    margin: Optional[Union[Number, List[Number]]] = Field(None, description="pixels: one number or [x, y]")
-    keep_largest: bool = True
-    fill_holes: bool = False
-    lookahead: Optional[int] = Field(None, ge=1, le=64)
+    margin: Optional[Union[Number, List[Number]]] = Field(
+        None, description="pixels: one number or [x, y]; default: the model's own (its scale's default margin)")
+    keep_largest: Optional[bool] = _option("propagate", "keep_largest")
+    fill_holes: Optional[bool] = _option("propagate", "fill_holes")
+    lookahead: Optional[int] = _option("propagate", "lookahead", ge=1, le=64)
     job_id: Optional[str] = Field(None, pattern=JOB_ID_PATTERN, description="client-chosen id for /v1/jobs/{id}/cancel")
 
 
@@ -177,7 +208,7 @@ class PropagateRequest(_JobOptions):
     seed_index: int
     seed_box: Optional[List[Number]] = Field(None, min_length=4, max_length=4)
     seed_mask: Optional[MaskPayload] = None
-    direction: str = "both"
+    direction: Optional[str] = _option("propagate", "direction", "both, up or down")
     rules: Optional[Rules] = None
 
 
@@ -185,8 +216,8 @@ class Box3DRequest(_JobOptions):
     box: List[Number] = Field(min_length=4, max_length=4)
     first: int
     last: int
-    start: Optional[int] = None
-    clip_to_box: bool = True
+    start: Optional[int] = _option("box3d", "start", "slice to start from (None: the middle)")
+    clip_to_box: Optional[bool] = _option("box3d", "clip_to_box")
 
 
 class KeyBox(_Strict):
@@ -196,7 +227,8 @@ class KeyBox(_Strict):
 
 class KeySlicesRequest(_JobOptions):
     key_boxes: List[KeyBox] = Field(min_length=1, max_length=4096)
-    combine: str = "intersect"
+    combine: Optional[str] = _option("key-slices", "combine", "union, intersect, interpolate or propagate")
+    gap_fill: Optional[str] = _option("key-slices", "gap_fill", "larger or both")
 
 
 class IndexedMask(_Strict):
@@ -279,7 +311,7 @@ class Session:
             "dtype": self.volume.dtype.name,
             "volume_key": self.volume_key,
             "model": self.model,
-            "window": {"low": float(w.low), "high": float(w.high), "keep_zero": bool(w.keep_zero), "name": w.name},
+            "window": window_to_wire(w),
             "geometry": self.geometry,
             "idle_timeout_s": idle_timeout_s,
         }
@@ -557,17 +589,9 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def _check_index(index: int, n: int, axis: str, what: str = "slice") -> int:
-    if not 0 <= index < n:
-        raise InputError(f"{what} {index} is outside the volume (0..{n - 1} along {axis})")
-    return index
-
-
 def _resolve_window(spec: WindowSpec, volume: np.ndarray) -> IntensityWindow:
     if spec.low is not None or spec.high is not None:
-        if spec.low is None or spec.high is None or not spec.high > spec.low:
-            raise InputError("a window given as low/high needs both, with high > low")
-        return IntensityWindow(float(spec.low), float(spec.high), bool(spec.keep_zero), spec.name)
+        return window_from_wire(spec.model_dump())
     if spec.width is not None or spec.level is not None:
         if spec.width is None or spec.level is None:
             raise InputError("a window needs both width and level")
@@ -577,13 +601,17 @@ def _resolve_window(spec: WindowSpec, volume: np.ndarray) -> IntensityWindow:
     return choose_window(volume, preset=spec.preset)
 
 
-def _rules(rules: Optional[Rules]):
-    from ..propagation import StopRules
-
-    if rules is None:
-        return None
-    given = rules.model_dump(exclude_unset=True)  # an explicit null switches a rule off
-    return dataclasses.replace(StopRules(), **given)
+def job_kwargs(route: str, req: "_JobOptions") -> Dict[str, Any]:
+    """The options a request gave, as keyword arguments of its propagation function (JOB_OPTIONS);
+    the ones it left out are left out, so the function's own defaults apply."""
+    kw: Dict[str, Any] = {}
+    for name in JOB_OPTIONS[route][1]:
+        value = getattr(req, name)
+        if name == "rules":
+            value = rules_from_wire(value.model_dump(exclude_unset=True)) if value is not None else None
+        if value is not None:
+            kw[name] = value
+    return kw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -693,7 +721,7 @@ def create_app(engines, tokens: Optional[List[str]] = None, cache_mb: Optional[f
     def segment(session_id: str, req: SegmentRequest, who: str = Depends(owner)):
         session = state.session(who, session_id)
         pred = session.predictor(state, req.axis)
-        _check_index(req.index, pred.n_slices, req.axis)
+        check_index(req.index, pred.n_slices, req.axis)
         size = slice_shape(session.volume.shape, req.axis)
         check_box(req.box, size)
         mask, score = pred(req.index, list(req.box))
@@ -802,12 +830,6 @@ def create_app(engines, tokens: Optional[List[str]] = None, cache_mb: Optional[f
 
         return _JobStream(job, lines(), media_type="application/x-ndjson")
 
-    def job_kwargs(req: _JobOptions) -> Dict[str, Any]:
-        kw: Dict[str, Any] = {"margin": req.margin, "keep_largest": req.keep_largest, "fill_holes": req.fill_holes}
-        if req.lookahead is not None:
-            kw["lookahead"] = req.lookahead
-        return kw
-
     stream_responses = {200: {"description": STREAM_DOC, "content": {"application/x-ndjson": {}}}}
 
     @app.post(f"{P}/sessions/{{session_id}}/propagate", tags=["3d"], responses=stream_responses,
@@ -817,11 +839,11 @@ def create_app(engines, tokens: Optional[List[str]] = None, cache_mb: Optional[f
 
         session = state.session(who, session_id)
         size = slice_shape(session.volume.shape, req.axis)
-        _check_index(req.seed_index, slice_count(session.volume.shape, req.axis), req.axis, "seed slice")
+        check_index(req.seed_index, slice_count(session.volume.shape, req.axis), req.axis, "seed slice")
         if req.seed_box is not None:
             check_box(req.seed_box, size, "seed box")
         seed_mask = decode_mask(req.seed_mask.model_dump(), size, what="seed mask") if req.seed_mask else None
-        kw = dict(job_kwargs(req), direction=req.direction, rules=_rules(req.rules))
+        kw = job_kwargs("propagate", req)
 
         def work(pred, progress, cancel):
             return propagate_from_slice(pred, req.seed_index, seed_box=req.seed_box, seed_mask=seed_mask,
@@ -838,9 +860,9 @@ def create_app(engines, tokens: Optional[List[str]] = None, cache_mb: Optional[f
         size = slice_shape(session.volume.shape, req.axis)
         n = slice_count(session.volume.shape, req.axis)
         check_box(req.box, size)
-        _check_index(req.first, n, req.axis, "first slice")
-        _check_index(req.last, n, req.axis, "last slice")
-        kw = dict(job_kwargs(req), start=req.start, clip_to_box=req.clip_to_box)
+        check_index(req.first, n, req.axis, "first slice")
+        check_index(req.last, n, req.axis, "last slice")
+        kw = job_kwargs("box3d", req)
 
         def work(pred, progress, cancel):
             return segment_box3d(pred, req.box, req.first, req.last, progress=progress, cancel=cancel, **kw)
@@ -857,12 +879,12 @@ def create_app(engines, tokens: Optional[List[str]] = None, cache_mb: Optional[f
         n = slice_count(session.volume.shape, req.axis)
         boxes: Dict[int, List[Number]] = {}
         for kb in req.key_boxes:
-            _check_index(kb.index, n, req.axis, "key slice")
+            check_index(kb.index, n, req.axis, "key slice")
             check_box(kb.box, size, f"box on key slice {kb.index}")
             if kb.index in boxes:
                 raise InputError(f"key slice {kb.index} is given twice")
             boxes[kb.index] = kb.box
-        kw = dict(job_kwargs(req), combine=req.combine)
+        kw = job_kwargs("key-slices", req)
 
         def work(pred, progress, cancel):
             return segment_key_slices(pred, boxes, progress=progress, cancel=cancel, **kw)
@@ -879,12 +901,12 @@ def create_app(engines, tokens: Optional[List[str]] = None, cache_mb: Optional[f
         n = slice_count(session.volume.shape, req.axis)
         masks: Dict[int, np.ndarray] = {}
         for item in req.masks:
-            _check_index(item.index, n, req.axis, "mask of slice")
+            check_index(item.index, n, req.axis, "mask of slice")
             masks[item.index] = decode_mask(item.mask.model_dump(), size, what=f"mask of slice {item.index}")
-        _check_index(req.corrected_index, n, req.axis, "corrected slice")
-        _check_index(req.seed_index, n, req.axis, "seed slice")
+        check_index(req.corrected_index, n, req.axis, "corrected slice")
+        check_index(req.seed_index, n, req.axis, "seed slice")
         corrected = decode_mask(req.corrected_mask.model_dump(), size, what="corrected mask")
-        kw = dict(job_kwargs(req), rules=_rules(req.rules))
+        kw = job_kwargs("repropagate", req)
 
         def work(pred, progress, cancel):
             return run_repropagate(pred, masks, req.corrected_index, corrected, req.seed_index,

@@ -15,7 +15,7 @@ import json
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,9 +24,18 @@ from .. import __version__
 from ..errors import InputError, MedSAMError
 from ..slicing import check_axis, get_slice, slice_count, slice_shape
 from ..windowing import IntensityWindow
-from .protocol import API_PREFIX, decode_mask, encode_array, encode_mask, version_tuple
-
-API_VERSION = 1
+from .protocol import (
+    API_PREFIX,
+    API_VERSION,
+    JOB_OPTIONS,
+    decode_mask,
+    encode_array,
+    encode_mask,
+    rules_to_wire,
+    version_tuple,
+    window_from_wire,
+    window_request,
+)
 
 
 class RemoteError(MedSAMError):
@@ -63,12 +72,6 @@ class Timeouts:
 
 
 _BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
-_JOB_OPTIONS = {
-    "propagate": ("direction", "rules", "margin", "keep_largest", "fill_holes", "lookahead"),
-    "box3d": ("start", "margin", "keep_largest", "fill_holes", "clip_to_box", "lookahead"),
-    "key-slices": ("margin", "keep_largest", "fill_holes", "combine", "lookahead"),
-    "repropagate": ("rules", "margin", "keep_largest", "fill_holes", "lookahead"),
-}
 
 
 def _jsonable(value):
@@ -101,24 +104,11 @@ def _wire_volume(volume: np.ndarray) -> np.ndarray:
     return volume
 
 
-def _window_spec(window) -> Dict[str, Any]:
-    if window is None:
-        return {"preset": "auto"}
-    if isinstance(window, IntensityWindow):
-        return {"low": float(window.low), "high": float(window.high), "keep_zero": bool(window.keep_zero),
-                "name": str(window.name)}
-    if isinstance(window, str):
-        return {"preset": window}
-    try:
-        width, level = (float(v) for v in window)
-    except (TypeError, ValueError):
-        raise InputError(f"a window is an IntensityWindow, (width, level) or a preset name, got {window!r}") from None
-    return {"width": width, "level": level}
-
-
 def _window_from_reply(reply: Dict[str, Any]) -> IntensityWindow:
-    w = reply["window"]
-    return IntensityWindow(float(w["low"]), float(w["high"]), bool(w["keep_zero"]), str(w["name"]))
+    try:
+        return window_from_wire(reply["window"])
+    except (InputError, KeyError, TypeError, AttributeError):
+        raise RemoteError(f"the MedSAM server sent an unusable intensity window: {reply.get('window')!r}") from None
 
 
 class RemoteEngine:
@@ -294,7 +284,7 @@ class RemoteSession:
         self.key = volume_key(self.volume)
         self.session_id: Optional[str] = None
         self.uploads = 0
-        self._window_request = _window_spec(window)
+        self._window_request = window_request(window)
         self.window: Optional[IntensityWindow] = None
         self._upload()
 
@@ -311,7 +301,7 @@ class RemoteSession:
         self.window = _window_from_reply(reply)
         self.model = str(reply.get("model") or "") or None  # a re-upload asks for the same model
         # a re-upload must reproduce this window exactly, whatever the preset resolved to
-        self._window_request = _window_spec(self.window)
+        self._window_request = window_request(self.window)
         self.uploads += 1
 
     def _call(self, method: str, suffix: str, body: Any = None, idempotent: bool = True, stream: bool = False):
@@ -332,10 +322,10 @@ class RemoteSession:
     # -- LocalSession's interface ----------------------------------------------------------------------
 
     def set_window(self, window) -> None:
-        spec = _window_spec(window)
+        spec = window_request(window)
         reply = self._call("PUT", "/window", spec).json()
         self.window = _window_from_reply(reply)
-        self._window_request = _window_spec(self.window)
+        self._window_request = window_request(self.window)
 
     def focus(self, axis: str, index: int, radius: int = 2) -> None:
         """The user is looking at this slice: the server embeds it and its neighbours in the background."""
@@ -404,14 +394,11 @@ class RemoteSession:
         check_axis(body["axis"])
         progress: Optional[Callable] = options.pop("progress", None)
         cancel = options.pop("cancel", None)
-        allowed = _JOB_OPTIONS[kind]
+        allowed = JOB_OPTIONS[kind][1]
         for name, value in options.items():
             if name not in allowed:
                 raise TypeError(f"{kind}: unexpected option '{name}' (options: {', '.join(allowed + ('progress', 'cancel'))})")
-            if name == "rules":
-                if value is not None:
-                    value = asdict(value) if is_dataclass(value) else dict(value)
-            body[name] = _jsonable(value)
+            body[name] = _jsonable(rules_to_wire(value) if name == "rules" else value)
         size = slice_shape(self.volume.shape, body["axis"])
         job_id = secrets.token_urlsafe(12)
         body["job_id"] = job_id

@@ -7,22 +7,144 @@ A 2D mask travels cropped to the extent that changed against a base the receiver
 (an empty slice, or the mask it sent itself): ``{"offset": [row, col], "shape": [h, w], "data"}``
 where ``data`` is base64(zlib(numpy.packbits(crop))). The receiver copies its base and overwrites
 the crop; an empty crop (``shape`` [0, 0]) means "unchanged".
+
+The one definition of everything both sides must agree on also lives here: API_VERSION, the
+options each streamed job takes (JOB_OPTIONS, whose defaults are the propagation functions' own:
+a request leaves out what the user left out), the stop rules and intensity window on the wire,
+the slice-index check, and the devices a server may run on.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import math
 import zlib
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import InputError
+from ..windowing import IntensityWindow
 
 API_PREFIX = "/v1"
+API_VERSION = 1  # the server's /v1/info "api"; the client refuses another
 # Voxel types a volume may be sent as (little-endian on the wire).
 VOLUME_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
+# Devices `serve --device` accepts (resolved by model.resolve_device); precisions: engine.PRECISIONS.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# Streamed jobs: route -> (propagation function, keyword options that travel). An option left out of
+# a request takes that function's default, so no default is written twice.
+JOB_OPTIONS = {
+    "propagate": ("propagate_from_slice", ("direction", "rules", "margin", "keep_largest", "fill_holes", "lookahead")),
+    "box3d": ("segment_box3d", ("start", "margin", "keep_largest", "fill_holes", "clip_to_box", "lookahead")),
+    "key-slices": ("segment_key_slices", ("margin", "keep_largest", "fill_holes", "combine", "gap_fill", "lookahead")),
+    "repropagate": ("repropagate", ("rules", "margin", "keep_largest", "fill_holes", "lookahead")),
+}
+
+
+def job_function(route: str):
+    """The propagation function a streamed route runs."""
+    from .. import propagation
+
+    return getattr(propagation, JOB_OPTIONS[route][0])
+
+
+def option_default(route: str, name: str):
+    """The default of one job option: the propagation function's own."""
+    import inspect
+
+    return inspect.signature(job_function(route)).parameters[name].default
+
+
+def check_index(index: int, n: int, axis: str, what: str = "slice") -> int:
+    """A slice index along `axis` of a volume with `n` slices there (the message every front end shows)."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= int(index) < n:
+        raise InputError(f"{what} {index} is outside the volume (0..{n - 1} along {axis})")
+    return int(index)
+
+
+# -- intensity windows ------------------------------------------------------------------------------
+
+
+def window_to_wire(window: IntensityWindow) -> Dict[str, Any]:
+    """A resolved window as it travels: {low, high, keep_zero, name}."""
+    return {"low": float(window.low), "high": float(window.high), "keep_zero": bool(window.keep_zero),
+            "name": str(window.name)}
+
+
+def window_from_wire(spec: Dict[str, Any]) -> IntensityWindow:
+    """The inverse of window_to_wire; bounds must be finite with high > low."""
+    low, high = spec.get("low"), spec.get("high")
+    try:
+        low, high = float(low), float(high)
+    except (TypeError, ValueError):
+        raise InputError("a window given as low/high needs both, as numbers") from None
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise InputError(f"a window needs finite low < high, got low {low:g}, high {high:g}")
+    return IntensityWindow(low, high, bool(spec.get("keep_zero", False)), str(spec.get("name", "custom")))
+
+
+def window_request(window) -> Dict[str, Any]:
+    """What a client asks for: an IntensityWindow as is, (width, level), a preset name, or None (auto)."""
+    if window is None:
+        return {"preset": "auto"}
+    if isinstance(window, IntensityWindow):
+        return window_to_wire(window)
+    if isinstance(window, str):
+        return {"preset": window}
+    try:
+        width, level = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise InputError(f"a window is an IntensityWindow, (width, level) or a preset name, got {window!r}") from None
+    return {"width": width, "level": level}
+
+
+# -- stop rules --------------------------------------------------------------------------------------
+
+
+def rule_fields() -> Dict[str, Any]:
+    """StopRules' fields as {name: type}, resolved (the server's request model is built from them)."""
+    import typing
+
+    from ..propagation import StopRules
+
+    return typing.get_type_hints(StopRules)
+
+
+def _rule_off(kind) -> Any:
+    """What null means for a rule: off (0 for a count, False for a check, None where None is off)."""
+    if kind is bool:
+        return False
+    if kind is int:
+        return 0
+    return None
+
+
+def rules_to_wire(rules) -> Optional[Dict[str, Any]]:
+    """StopRules (or a dict of some of its fields) as JSON; None stays None (the engine's defaults)."""
+    if rules is None:
+        return None
+    if dataclasses.is_dataclass(rules):
+        return dataclasses.asdict(rules)
+    return dict(rules)
+
+
+def rules_from_wire(given: Optional[Dict[str, Any]]):
+    """StopRules from the fields a request gave: omitted ones keep their defaults, an explicit null
+    switches that rule off. None: None (the engine's defaults)."""
+    from ..propagation import StopRules
+
+    if given is None:
+        return None
+    kinds = rule_fields()
+    unknown = set(given) - set(kinds)
+    if unknown:
+        raise InputError(f"unknown stop rule(s): {', '.join(sorted(unknown))}")
+    values = {name: (_rule_off(kinds[name]) if value is None else value) for name, value in given.items()}
+    return dataclasses.replace(StopRules(), **values)
 
 
 class WireError(InputError):

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import InputError, MedSAMError
 from ..predictor import SlicePredictor
+from .protocol import check_index
 
 log = logging.getLogger("medsam_slicer.server")
 
@@ -262,9 +263,7 @@ class ScheduledPredictor(SlicePredictor):
         self.job = job
 
     def _check(self, index: int) -> int:
-        if not 0 <= int(index) < self.n_slices:
-            raise InputError(f"slice {index} is outside the volume (0..{self.n_slices - 1} along {self.axis})")
-        return int(index)
+        return check_index(index, self.n_slices, self.axis)
 
     def embedding(self, index: int):
         index = self._check(index)
