@@ -24,9 +24,9 @@ Input: (B, 3, 256, 256) float32 in [0, 1] (LiteMedSAM normalises by min-max only
 output: (B, 256, 64, 64).
 
 ``prepare_fast_encoder`` builds an inference-only function of the same maths over a private copy
-of the weights: BatchNorm folded into the convolutions, attention biases gathered once, PyTorch's
-fused scaled-dot-product attention, channels-last (NHWC) activations throughout, and an optional
-reduced compute dtype with the residual stream kept in float32.
+of the weights: BatchNorm folded into the convolutions, attention biases gathered once, the query
+pre-scaled, channels-last (NHWC) activations throughout, the large intermediates computed in
+cache-sized bands, and an optional reduced compute dtype with the residual stream kept in float32.
 """
 from __future__ import annotations
 
@@ -264,8 +264,9 @@ def _attention(q, k, v, bias):
     """softmax(q kᵀ + bias) v with q already scaled; (N, heads, L, d).
 
     On a 2-core CPU, for these small windows (49 or 196 tokens, 32 dims per head), one batched
-    matmul, an in-place broadcast add of the (heads, L, L) bias and a softmax beat
-    ``scaled_dot_product_attention`` with a mask (measured in benchmarks/tinyvit_speed.py).
+    matmul, an in-place broadcast add of the (heads, L, L) bias and a softmax were as fast as or
+    faster than ``scaled_dot_product_attention`` with a mask (``_sdpa``, timed by
+    benchmarks/tinyvit_speed.py).
     """
     scores = torch.matmul(q, k.transpose(-2, -1)).add_(bias)
     return torch.matmul(scores.softmax(-1), v)
