@@ -238,3 +238,24 @@ def test_real_litemedsam_batch_to_dicom_seg_and_rtstruct(capsys, tmp_path, ct_pa
     dice = 2 * inter / (mask[20].sum() + truth[20].sum())
     assert dice > 0.7, dice  # 0.755 measured: one 2D box on one slice, no propagation
     assert not np.delete(mask, 20, axis=0).any()
+
+
+def test_ctrl_c_mid_write_leaves_no_output_and_reports_cancelled(capsys, workdir, tiny_checkpoint, monkeypatch):
+    from medsam_slicer import volume_io
+
+    def interrupted_write(path, segments, reference):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(volume_io, "_write_seg_nrrd", interrupted_write)
+    manifest = write_manifest(workdir / "two.jsonl", [
+        {"input": "ct/a.nrrd", "output": "out/a.seg.nrrd", "segments": [{"box": BOX17}]},
+        {"input": "ct/b.nrrd", "output": "out/b.seg.nrrd", "segments": [{"box": BOX17}]},
+    ])
+    report = workdir / "report.csv"
+    code, _, err = run(capsys, "batch", manifest, "--checkpoint", tiny_checkpoint, "--precision", "fp32", "--quiet",
+                       "--report", report)
+    assert code == 130 and "interrupted" in err
+    assert os.listdir(workdir / "out") == []  # neither the output nor its scratch folder
+    assert [r["status"] for _, r in sorted(read_report(report).items())] == ["cancelled", "cancelled"]

@@ -378,8 +378,8 @@ class Progress:
         if result.status == "failed":
             self.write(f"line {result.line}: {result.input}: failed: {result.error}")
         if self.bar is not None:
-            self.bar.update(1)
             self.bar.set_postfix(self.counts, refresh=False)
+            self.bar.update(1)
 
     def write(self, text: str) -> None:
         if self.bar is not None:
