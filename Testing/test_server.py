@@ -44,7 +44,7 @@ START_TIMEOUT_S = 120.0
 _SERVE = (
     "import json, sys, torch\n"
     "torch.set_num_threads(int(sys.argv[2]))\n"
-    "from medsam_slicer.server.app import serve\n"
+    "from medsam_slicer.server.serve import serve\n"
     "serve(**json.loads(sys.argv[1]))\n"
 )
 
@@ -542,7 +542,7 @@ def test_session_limit_idle_timeout_and_transparent_reupload(guarded):
 
 
 def test_serve_refuses_non_loopback_without_token(tmp_path):
-    from medsam_slicer.server.app import serve
+    from medsam_slicer.server.serve import serve
 
     with pytest.raises(InputError, match="refusing to listen on 0.0.0.0 without a token"):
         serve(host="0.0.0.0", port=free_port(), checkpoint=str(tmp_path / "absent.pth"))
@@ -565,7 +565,7 @@ def test_serve_refuses_non_loopback_without_token(tmp_path):
 
 
 def test_serve_reports_a_busy_port(server):
-    from medsam_slicer.server.app import serve
+    from medsam_slicer.server.serve import serve
 
     with pytest.raises(InputError, match="cannot listen on 127.0.0.1"):
         serve(port=server.port, checkpoint="unused.pth")
@@ -735,7 +735,7 @@ def test_segment_command_passes_its_model_to_the_server(two_models, tiny_checkpo
 
 
 def test_model_plan_pairs_models_and_checkpoints():
-    from medsam_slicer.server.app import model_plan
+    from medsam_slicer.server.serve import model_plan
 
     assert model_plan() == [("litemedsam", None)]
     assert model_plan(["medsam", "litemedsam"]) == [("medsam", None), ("litemedsam", None)]

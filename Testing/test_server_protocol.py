@@ -27,10 +27,10 @@ PLUMBING = {"axis", "job_id"}
 
 
 def _request_model(route):
-    from medsam_slicer.server import app
+    from medsam_slicer.server import schemas
 
-    return {"propagate": app.PropagateRequest, "box3d": app.Box3DRequest, "key-slices": app.KeySlicesRequest,
-            "repropagate": app.RepropagateRequest}[route]
+    return {"propagate": schemas.PropagateRequest, "box3d": schemas.Box3DRequest,
+            "key-slices": schemas.KeySlicesRequest, "repropagate": schemas.RepropagateRequest}[route]
 
 
 @pytest.mark.parametrize("route", sorted(protocol.JOB_OPTIONS))
@@ -49,7 +49,7 @@ def test_each_route_takes_exactly_its_functions_options_with_no_default_of_its_o
 
 
 def test_key_slices_default_combine_is_the_engines():
-    from medsam_slicer.server.app import KeySlicesRequest, job_kwargs
+    from medsam_slicer.server.schemas import KeySlicesRequest, job_kwargs
 
     req = KeySlicesRequest(key_boxes=[{"index": 0, "box": [1, 1, 5, 5]}])
     assert "combine" not in job_kwargs("key-slices", req)
@@ -59,7 +59,7 @@ def test_key_slices_default_combine_is_the_engines():
 
 
 def test_stop_rules_on_the_wire_follow_the_dataclass():
-    from medsam_slicer.server.app import Rules
+    from medsam_slicer.server.schemas import Rules
 
     assert set(Rules.model_fields) == {f.name for f in dataclasses.fields(StopRules)}
     rules = StopRules(min_area=7, max_slices=3)
@@ -100,21 +100,21 @@ def test_window_wire_format_round_trips_and_refuses_non_finite_bounds():
 
 
 def test_slice_index_check_is_one_function():
-    from medsam_slicer.server import app, scheduler
+    from medsam_slicer.server import jobs, scheduler
 
     assert protocol.check_index(3, 4, "k") == 3
     for bad in (4, -1, True, 2.0):
         with pytest.raises(InputError, match="outside the volume"):
             protocol.check_index(bad, 4, "k", "seed slice")
-    assert app.check_index is protocol.check_index and scheduler.check_index is protocol.check_index
+    assert jobs.check_index is protocol.check_index and scheduler.check_index is protocol.check_index
 
 
 def test_api_version_devices_and_precisions_are_defined_once():
     from medsam_slicer.cli import build_parser
     from medsam_slicer.engine import PRECISIONS
-    from medsam_slicer.server import app, client
+    from medsam_slicer.server import app, client, state
 
-    assert client.API_VERSION is protocol.API_VERSION and app.API_VERSION is protocol.API_VERSION
+    assert client.API_VERSION is protocol.API_VERSION is app.API_VERSION is state.API_VERSION
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]
     choices = {a.dest: a.choices for a in serve._actions}
     assert tuple(choices["device"]) == protocol.DEVICES and tuple(choices["precision"]) == PRECISIONS

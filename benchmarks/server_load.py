@@ -47,7 +47,7 @@ def _start_server(args) -> "tuple[subprocess.Popen, str]":
     code = ("import json, sys, torch\n"
             "n = int(sys.argv[2])\n"
             "torch.set_num_threads(n) if n > 0 else None\n"
-            "from medsam_slicer.server.app import serve\n"
+            "from medsam_slicer.server.serve import serve\n"
             "serve(**json.loads(sys.argv[1]))\n")
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "MedSAMSlicer"))
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(options), str(args.threads)], env=env)

@@ -162,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "bench":
             return _bench(args)
         if args.command == "serve":
-            from .server.app import serve
+            from .server.serve import serve
 
             serve(host=args.host, port=args.port, models=args.model, checkpoint=args.checkpoint, device=args.device,
                   precision=args.precision, token=args.token, token_file=args.token_file,

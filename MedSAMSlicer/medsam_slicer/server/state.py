@@ -1,0 +1,277 @@
+"""The server's state: its models, sessions (a volume, a window and a model per session), running jobs,
+the shared embedding cache and the scheduler; the idle-session reaper. No HTTP here beyond the
+errors a caller turns into replies (`httputil.http_error`).
+
+Tenancy: each session belongs to the owner tag of the token that created it ("local" without
+tokens) and is invisible (404) to every other owner.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import __version__
+from ..cache import EmbeddingCache, default_budget_bytes
+from ..errors import InputError
+from ..predictor import volume_key
+from ..slicing import check_axis
+from ..windowing import IntensityWindow
+from .httputil import http_error
+from .protocol import API_VERSION, window_to_wire
+from .scheduler import Scheduler, ScheduledPredictor
+
+log = logging.getLogger("medsam_slicer.server")
+
+DEFAULTS = dict(
+    max_sessions=16,  # sessions alive at once (all tokens)
+    idle_timeout_s=1800.0,  # a session unused this long is closed
+    max_request_mb=1024.0,  # request bodies (compressed volumes, base64) above this get 413
+    max_volume_mb=2048.0,  # decompressed voxels of one volume
+    max_batch=4,  # slices per encoder call
+    heartbeat_s=5.0,  # idle streams send a heartbeat line this often
+)
+
+
+class Job:
+    def __init__(self, job_id: str, owner: str, session_id: str):
+        self.id = job_id
+        self.owner = owner
+        self.session_id = session_id
+        self.cancel = threading.Event()
+        self.finished = threading.Event()
+
+
+class Session:
+    def __init__(self, sid: str, owner: str, volume: np.ndarray, window: IntensityWindow, geometry,
+                 engine=None, model: str = ""):
+        self.id = sid
+        self.owner = owner
+        self.engine = engine  # the model this session was opened with (one of the server's)
+        self.model = model
+        self.volume = volume
+        self.window = window
+        self.geometry = geometry
+        # the owner is part of the cache key: identical uploads by two tokens share nothing
+        self.key = f"{owner}:{volume_key(volume)}"
+        self.volume_key = self.key.split(":", 1)[1]
+        self.last_used = time.monotonic()
+        self.jobs: Dict[str, Job] = {}
+        self.lock = threading.Lock()
+        self._interactive: Dict[str, ScheduledPredictor] = {}
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    def predictor(self, state: "ServerState", axis: str, job: Optional[Job] = None) -> ScheduledPredictor:
+        check_axis(axis)
+        if job is None:
+            with self.lock:
+                pred = self._interactive.get(axis)
+                if pred is None or pred.window != self.window:
+                    pred = state.new_predictor(self, axis, None)
+                    self._interactive[axis] = pred
+                return pred
+        return state.new_predictor(self, axis, job)
+
+    def info(self, idle_timeout_s: float) -> Dict[str, Any]:
+        w = self.window
+        return {
+            "session_id": self.id,
+            "shape": [int(n) for n in self.volume.shape],
+            "dtype": self.volume.dtype.name,
+            "volume_key": self.volume_key,
+            "model": self.model,
+            "window": window_to_wire(w),
+            "geometry": self.geometry,
+            "idle_timeout_s": idle_timeout_s,
+        }
+
+
+def owner_tag(token: Optional[str]) -> str:
+    if token is None:
+        return "local"
+    return hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
+def engines_by_name(engines) -> "Dict[str, Any]":
+    """{model name: engine}, in the order given (the first is the default); one engine per family."""
+    if not isinstance(engines, (list, tuple)):
+        engines = [engines]
+    if not engines:
+        raise InputError("the server needs at least one model")
+    named: Dict[str, Any] = {}
+    for engine in engines:
+        name = engine.family.NAME
+        if name in named:
+            raise InputError(f"two {name} models: a server holds one model per name")
+        named[name] = engine
+    return named
+
+
+class ServerState:
+    def __init__(self, engines, tokens: Optional[List[str]], cache_mb: Optional[float], **limits):
+        self.engines = engines_by_name(engines)
+        self.default_model = next(iter(self.engines))
+        self.engine = self.engines[self.default_model]
+        self.limits = dict(DEFAULTS, **limits)
+        self.tokens = [(t.encode(), owner_tag(t)) for t in (tokens or [])]
+        budget = int(cache_mb * 2**20) if cache_mb else default_budget_bytes(self.engine.device)
+        self.cache = EmbeddingCache(budget)  # one budget for every model (keys include the model)
+        self.scheduler = Scheduler(max_batch=self.limits["max_batch"])
+        self.sessions: Dict[str, Session] = {}
+        self.jobs: Dict[Tuple[str, str], Job] = {}
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="medsam-session-reaper", daemon=True)
+        self._reaper.start()
+
+    # -- models -------------------------------------------------------------------------------------
+
+    def model(self, name: Optional[str]) -> Tuple[str, Any]:
+        """(name, engine) of one of the server's models; None: the default (the first)."""
+        if name is None or not str(name).strip():
+            return self.default_model, self.engine
+        key = str(name).strip().lower()
+        engine = self.engines.get(key)
+        if engine is None:
+            raise http_error(400, "unknown_model", f"this server has no model '{str(name)[:64]}': it holds "
+                        f"{', '.join(self.engines)}")
+        return key, engine
+
+    # -- sessions -----------------------------------------------------------------------------------
+
+    def new_predictor(self, session: Session, axis: str, job: Optional[Job]) -> ScheduledPredictor:
+        return ScheduledPredictor(
+            self.scheduler, session.id, job is None, job.cancel if job is not None else None,
+            engine=session.engine, volume=session.volume, window=session.window, axis=axis, cache=self.cache,
+            key=session.key,
+        )
+
+    def add_session(self, session: Session) -> None:
+        self.reap()
+        with self.lock:
+            if len(self.sessions) >= self.limits["max_sessions"]:
+                raise http_error(503, "server_full",
+                            f"the server is full ({self.limits['max_sessions']} sessions open); "
+                            "close a session or try again later", {"Retry-After": "30"})
+            self.sessions[session.id] = session
+
+    def session(self, owner: str, sid: str) -> Session:
+        with self.lock:
+            session = self.sessions.get(sid)
+        if session is None or not hmac.compare_digest(session.owner, owner):
+            raise http_error(404, "session_unknown", f"no session {sid[:64]} on this server (closed, expired or restarted)")
+        session.touch()
+        return session
+
+    def close_session(self, session: Session) -> None:
+        with self.lock:
+            self.sessions.pop(session.id, None)
+            jobs = list(session.jobs.values())
+        for job in jobs:
+            job.cancel.set()
+        self.scheduler.drop_group(session.id)
+
+    def reap(self) -> int:
+        """Closes sessions idle for longer than the timeout (those running a job are busy, not idle)."""
+        limit = self.limits["idle_timeout_s"]
+        now = time.monotonic()
+        with self.lock:
+            idle = [s for s in self.sessions.values() if not s.jobs and now - s.last_used > limit]
+        for session in idle:
+            log.info("closing idle session %s", session.id[:8])
+            self.close_session(session)
+        return len(idle)
+
+    def _reap_loop(self) -> None:
+        period = max(0.5, min(30.0, self.limits["idle_timeout_s"] / 4))
+        while not self._stop.wait(period):
+            try:
+                self.reap()
+            except Exception:  # pragma: no cover - keep reaping
+                log.exception("session reaper failed")
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self.lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            job.cancel.set()
+        self.scheduler.stop()
+
+    # -- jobs ---------------------------------------------------------------------------------------
+
+    def add_job(self, session: Session, job_id: Optional[str]) -> Job:
+        job = Job(job_id or secrets.token_urlsafe(12), session.owner, session.id)
+        with self.lock:
+            if (job.owner, job.id) in self.jobs:
+                raise http_error(409, "job_exists", f"a job {job.id} is already running")
+            if len(self.jobs) >= 2 * self.limits["max_sessions"]:
+                raise http_error(429, "too_many_jobs", "too many jobs are running on the server; try again shortly",
+                            {"Retry-After": "5"})
+            self.jobs[(job.owner, job.id)] = job
+            session.jobs[job.id] = job
+        return job
+
+    def end_job(self, session: Session, job: Job) -> None:
+        job.finished.set()
+        with self.lock:
+            self.jobs.pop((job.owner, job.id), None)
+            session.jobs.pop(job.id, None)
+        session.touch()
+
+    def info(self, owner: str) -> Dict[str, Any]:
+        engine = self.engine
+        arch = getattr(engine, "architecture", None)
+        models = [_model_info(name, e, name == self.default_model) for name, e in self.engines.items()]
+        gpu = None
+        if str(engine.device).startswith("cuda"):
+            try:
+                import torch
+
+                free, total = torch.cuda.mem_get_info(torch.device(engine.device))
+                gpu = {"name": torch.cuda.get_device_name(torch.device(engine.device)), "free_bytes": int(free),
+                       "total_bytes": int(total)}
+            except Exception:  # pragma: no cover - info must not fail
+                gpu = None
+        with self.lock:
+            mine = sum(1 for s in self.sessions.values() if s.owner == owner)
+            total_sessions = len(self.sessions)
+            jobs = sum(1 for (o, _) in self.jobs if o == owner)
+        return {
+            "name": "medsam-slicer",
+            "version": __version__,
+            "api": API_VERSION,
+            "architecture": getattr(arch, "name", arch),
+            "model": self.default_model,  # the default; every model the server holds is in "models"
+            "model_id": engine.model_id,
+            "models": models,
+            "device": engine.device,
+            "precision": engine.precision,
+            "gpu": gpu,
+            "sessions": mine,
+            "sessions_open": total_sessions,
+            "jobs": jobs,
+            "max_sessions": self.limits["max_sessions"],
+            "idle_timeout_s": self.limits["idle_timeout_s"],
+            "max_request_bytes": int(self.limits["max_request_mb"] * 2**20),
+            "cache": {"entries": len(self.cache), "used_bytes": self.cache.used_bytes, "budget_bytes": self.cache.budget_bytes},
+            "queue": self.scheduler.queued(),
+            "worker": dict(self.scheduler.stats),
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+
+def _model_info(name: str, engine, default: bool) -> Dict[str, Any]:
+    arch = getattr(engine, "architecture", None)
+    return {"name": name, "title": engine.family.TITLE, "model_id": engine.model_id,
+            "architecture": getattr(arch, "name", arch), "input_size": int(engine.family.INPUT_SIZE),
+            "device": engine.device, "precision": engine.precision, "default": default}
