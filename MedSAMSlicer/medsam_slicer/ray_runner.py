@@ -96,10 +96,15 @@ def run_on_ray(cases: Sequence[Case], spec: EngineSpec, force: bool, record: Cal
     initialised_here = not ray.is_initialized()
     if initialised_here:
         options = dict(logging_level=logging.WARNING, log_to_driver=not quiet)
-        if address:
-            ray.init(address=address, **options)
-        else:
-            ray.init(include_dashboard=False, **options)
+        try:
+            if address:
+                ray.init(address=address, **options)
+            else:
+                ray.init(include_dashboard=False, **options)
+        except Exception as error:  # ConnectionError, ValueError, RuntimeError, ... from Ray's start-up
+            where = f"the Ray cluster at '{address}'" if address else "Ray"
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise MedSAMError(f"cannot start or reach {where}: {reason}") from None
     actors: List[object] = []
     pending: Dict[object, Tuple[Case, int, int]] = {}
     try:
