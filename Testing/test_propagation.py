@@ -562,3 +562,101 @@ def test_result_volume_checks_shapes():
         result.volume("j", (2, 4, 5))
     with pytest.raises(InputError):
         PropagationResult(masks={3: np.ones((4, 5), bool)}).volume("k", (2, 4, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# appearance: the rule that holds with real weights (a box-prompted model finds a blob in any box)
+
+
+class Dominant:
+    """A box-prompted model on a labelled volume with an image: answers the label with the most
+    pixels inside the box, cut to the box (so past a structure's end it finds the neighbour, as a
+    real model does). `wrong`: slices answered with label `wrong_label` whatever the box."""
+
+    def __init__(self, labels, image, wrong=(), wrong_label=None):
+        self.labels, self.img = labels, image
+        self.n_slices, self.slice_shape = labels.shape[0], labels.shape[1:]
+        self.wrong, self.wrong_label = set(wrong), wrong_label
+        self.requests = []
+
+    def image(self, index):
+        return self.img[index]
+
+    def __call__(self, index, box):
+        x0, y0, x1, y1 = (int(v) for v in box)
+        self.requests.append((index, (x0, y0, x1, y1)))
+        inside = np.zeros(self.slice_shape, bool)
+        inside[y0 : y1 + 1, x0 : x1 + 1] = True
+        lab = self.labels[index]
+        if index in self.wrong:  # a model error: the neighbour, even outside the box
+            return lab == self.wrong_label, 0.9
+        counts = np.bincount(lab[inside], minlength=int(self.labels.max()) + 1)
+        counts[0] = 0
+        pick = int(counts.argmax()) if counts.max() > 0 else None
+        if pick is None:
+            return np.zeros(self.slice_shape, bool), 0.9
+        return (lab == pick) & inside, 0.9
+
+
+def lung_over_liver(n=24, shape=(48, 48)):
+    """Label 1 ('lung', dark, slices 8..23) sits on label 2 ('liver', bright, slices 0..9) with the
+    same footprint; on slices 8-9 the lung is a thin ring around the liver's dome (as at the CT
+    sample's lung bases), so a blob-finding model prompted there answers the liver."""
+    labels = np.zeros((n,) + shape, np.int64)
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        if 8 <= k:
+            labels[k][disc(shape, 24, 24, 12)] = 1
+        if k <= 9:
+            labels[k][disc(shape, 24, 24, 10 if k >= 8 else 13)] = 2
+    image = np.full(labels.shape, 120, np.uint8)  # soft tissue around
+    image[labels == 1] = 30 + rng.integers(0, 20, size=int((labels == 1).sum()))
+    image[labels == 2] = 200 + rng.integers(0, 20, size=int((labels == 2).sum()))
+    return labels, image
+
+
+def test_appearance_change_stops_growth_and_drops_the_slice():
+    labels, image = lung_over_liver()
+    model = Dominant(labels, image)
+    result = propagate_from_slice(model, 16, seed_box=mask_bbox(labels[16] == 1), direction="down", keep_largest=False)
+    assert min(result.masks) == 10  # slice 9's answer (the liver's dome) is dropped
+    assert result.stop_reasons["down"] == "appearance changed (0% like the seed) at slice 9"
+    off = propagate_from_slice(model, 16, seed_box=mask_bbox(labels[16] == 1), direction="down", keep_largest=False,
+                               rules=StopRules(min_appearance=None))
+    assert min(off.masks) == 0  # without the rule it runs to the volume's edge through the liver
+    assert off.stop_reasons["down"] == "volume edge"
+
+
+def test_appearance_rule_needs_images_and_keeps_heterogeneous_structures():
+    labels, image = lung_over_liver()
+    # an oracle has no .image: the rule is skipped, the old rules decide
+    oracle = Oracle(labels == 1)
+    result = propagate_from_slice(oracle, 16, seed_box=mask_bbox(labels[16] == 1))
+    assert (min(result.masks), max(result.masks)) == (8, 23)
+    # a textured structure (its own values spread 30-50) is never stopped by its own texture
+    model = Dominant(labels, image)
+    up = propagate_from_slice(model, 12, seed_box=mask_bbox(labels[12] == 1), direction="up")
+    assert max(up.masks) == 23 and up.stop_reasons["up"] == "volume edge"
+
+
+def test_mode_b_recovers_from_drift_with_the_extent_prompt():
+    """A model error on one slice puts the mask on the neighbour; without a check every next slice
+    follows it (prompted with the previous mask's box). The appearance check re-prompts with the
+    box's extent and comes back onto the structure."""
+    n, shape = 20, (48, 64)
+    labels = np.zeros((n,) + shape, np.int64)
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    for k in range(n):
+        labels[k][(abs(y - 24) <= 12) & (abs(x - 20) <= 12)] = 1  # the target: larger, bright
+        labels[k][(abs(y - 24) <= 6) & (abs(x - 44) <= 6)] = 2  # the neighbour: smaller, dark
+    image = np.where(labels == 1, 200, np.where(labels == 2, 40, 120)).astype(np.uint8)
+    extent_box = (6, 8, 52, 38)
+    model = Dominant(labels, image, wrong=[13], wrong_label=2)
+    result = segment_box3d(model, extent_box, 0, n - 1, keep_largest=False)
+    target = labels == 1
+    vol = result.volume("k", labels.shape)
+    assert not vol[13][target[13]].any()  # the wrong slice stays wrong (every prompt gives the neighbour)
+    assert dice(vol[14:], target[14:]) == 1.0  # and the next ones are back on the target
+    off = segment_box3d(Dominant(labels, image, wrong=[13], wrong_label=2), extent_box, 0, n - 1,
+                        keep_largest=False, min_appearance=None)
+    assert dice(off.volume("k", labels.shape)[14:], target[14:]) == 0.0  # followed the neighbour

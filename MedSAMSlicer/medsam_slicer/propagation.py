@@ -43,6 +43,16 @@ ProgressFn = Callable[[int, np.ndarray, int, int], None]
 # misses 0.95); 2 px 0.997 (min 0.980); 3 px 0.998 (min 0.989).
 DEFAULT_MARGIN_1024 = 10.0
 
+# APPEARANCE_EVIDENCE. With real weights (LiteMedSAM, benchmarks/accuracy_eval.py and no-stop
+# trajectories of mode a on the CT sample, lungs at window 1000/-500), a box past a structure's end
+# still gets a plausible mask (the model's IoU score on those leaked slices, 0.74-0.88, overlaps
+# the 0.80-0.98 of true slices; the jittered-prompt agreement, 0.74-0.92, and the previous-mask
+# Dice, 0.25-0.96, overlap too), but what it segments no longer looks like the seed: the share of
+# mask pixels inside the seed's central 95% intensity range was 0.81-0.97 on every true lung slice
+# whose mask matched the truth (0.56-0.65 on the last partial-volume slice) and 0.00-0.01 on every
+# leaked slice (liver, abdomen). 0.5 sits in that gap and still means "half the mask is other tissue".
+DEFAULT_MIN_APPEARANCE = 0.5
+
 # Slices handed to `predictor.prefetch` at a time in open-ended growth (mode a). Ranges that will
 # be segmented in full (modes b, c) are prefetched in chunks of the same size.
 DEFAULT_LOOKAHEAD = 4
@@ -69,6 +79,13 @@ class StopRules:
     min_score: the model's quality score under this stops, slice dropped (None: off; MedSAM's IoU
         head is not calibrated, so it is off by default; oracles and remote engines may not score).
     max_slices: at most this many slices per direction beyond the seed (None: to the volume edge).
+    min_appearance: with a real model the rules above rarely fire (a box-prompted model returns a
+        plausible blob for any box, so growth ran past the lungs' bases into the abdomen), so the
+        new mask must also look like the seed: the share of its pixels whose intensity (the slice
+        as the model sees it, `predictor.image`) lies inside the seed mask's central 95% intensity
+        range (2.5th-97.5th percentile). Under `min_appearance` the growth stops and the slice is
+        dropped (None: off; skipped for predictors without `.image`, such as the oracles).
+        Evidence at DEFAULT_MIN_APPEARANCE.
     """
 
     min_area: int = 5
@@ -76,6 +93,7 @@ class StopRules:
     check_centroid: bool = True
     min_score: Optional[float] = None
     max_slices: Optional[int] = None
+    min_appearance: Optional[float] = DEFAULT_MIN_APPEARANCE
 
 
 @dataclass
@@ -216,6 +234,7 @@ class _Run:
         self.memo: Dict[Tuple[int, Box2D], Tuple[np.ndarray, Optional[float]]] = {}
         self.prefetched: set = set()
         self.masks: Dict[int, np.ndarray] = {}
+        self.images: Dict[int, np.ndarray] = {}
         self.anchors: set = set()
         self.done = 0
         self.total = 0
@@ -273,6 +292,15 @@ class _Run:
         self.memo[key] = (mask, score)
         return mask, score
 
+    def image(self, index: int) -> Optional[np.ndarray]:
+        """The slice as the model sees it (the predictor's `.image`), or None when it has none."""
+        fn = getattr(self.predictor, "image", None)
+        if fn is None:
+            return None
+        if index not in self.images:
+            self.images[index] = np.asarray(fn(index))
+        return self.images[index]
+
     def finish(self, index: int, mask: np.ndarray) -> None:
         self.masks[index] = mask
         self.done += 1
@@ -296,7 +324,30 @@ def _rules(rules: Optional[StopRules]) -> StopRules:
     return rules
 
 
-def _judge(rules: StopRules, index: int, mask: np.ndarray, score, prev_area: int, box: Box2D):
+class Appearance:
+    """The seed's intensities as the model sees them: the central share `coverage` of the seed
+    mask's pixel values. `share(image, mask)` is the fraction of a new mask's pixels inside that
+    range: near 1 while the mask stays on the same tissue, near 0 when it has moved onto another
+    (dark lung -> bright liver)."""
+
+    def __init__(self, image: np.ndarray, mask: np.ndarray, coverage: float = 0.95):
+        values = np.asarray(image)[np.asarray(mask, dtype=bool)]
+        if values.ndim > 1:  # colour: compare the grey level
+            values = values.mean(axis=-1)
+        tail = 50.0 * (1.0 - coverage)
+        self.low, self.high = (float(v) for v in np.percentile(values, [tail, 100.0 - tail]))
+
+    def share(self, image: np.ndarray, mask: np.ndarray) -> float:
+        values = np.asarray(image)[np.asarray(mask, dtype=bool)]
+        if values.size == 0:
+            return 0.0
+        if values.ndim > 1:
+            values = values.mean(axis=-1)
+        return float(((values >= self.low) & (values <= self.high)).mean())
+
+
+def _judge(rules: StopRules, index: int, mask: np.ndarray, score, prev_area: int, box: Box2D,
+           appearance_share: Optional[float] = None):
     """(keep this slice?, stop reason or None) for one new slice of open-ended growth."""
     if rules.min_score is not None and score is not None and score < rules.min_score:
         return False, f"low score {score:.2f} at slice {index}"
@@ -307,6 +358,8 @@ def _judge(rules: StopRules, index: int, mask: np.ndarray, score, prev_area: int
         return False, f"near-empty mask ({area} px) at slice {index}"
     if rules.check_centroid and not _inside_box(_centroid(mask), box):
         return False, f"left previous box at slice {index}"
+    if rules.min_appearance is not None and appearance_share is not None and appearance_share < rules.min_appearance:
+        return False, f"appearance changed ({100 * appearance_share:.0f}% like the seed) at slice {index}"
     ratio = rules.max_area_ratio
     if ratio is not None and prev_area > 0:
         if area > ratio * prev_area:
@@ -316,9 +369,17 @@ def _judge(rules: StopRules, index: int, mask: np.ndarray, score, prev_area: int
     return True, None
 
 
+def _appearance(run: _Run, rules: StopRules, index: int, mask: np.ndarray) -> Optional[Appearance]:
+    """The reference appearance of the slice growth starts from (None: rule off or no images)."""
+    if rules.min_appearance is None or run.image(index) is None or not mask.any():
+        return None
+    return Appearance(run.image(index), mask)
+
+
 def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, margin, budget: int) -> str:
     """Open-ended growth from slice `start` (already done) in one direction; returns the reason."""
     prev, prev_area, index, count = mask, int(mask.sum()), start, 0
+    look = _appearance(run, rules, start, mask)
     while True:
         nxt = index + step
         if not 0 <= nxt < run.n:
@@ -335,7 +396,8 @@ def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, 
             left = budget - count if rules.max_slices is None else min(budget, rules.max_slices) - count
             run.prefetch([nxt + step * n for n in range(min(run.lookahead, max(1, left)))])
         new, score = run.predict(nxt, box)
-        keep, reason = _judge(rules, nxt, new, score, prev_area, box)
+        share = look.share(run.image(nxt), new) if look is not None and new.any() else None
+        keep, reason = _judge(rules, nxt, new, score, prev_area, box, share)
         if keep:
             count += 1
             run.finish(nxt, new)
@@ -436,9 +498,14 @@ def segment_box3d(
     cancel=None,
     clip_to_box: bool = True,
     lookahead: int = DEFAULT_LOOKAHEAD,
+    min_appearance: Optional[float] = DEFAULT_MIN_APPEARANCE,
 ) -> PropagationResult:
     """Segments every slice from `first` to `last` (inclusive) of a 3D box whose in-plane extent is
-    `box2d`. Starts at `start` (default: the middle slice, where the box's extent most likely fits
+    `box2d`. Drift: when a propagated mask no longer looks like the start slice's (share of its
+    pixels in the start mask's intensity range under `min_appearance`, see StopRules; needs
+    `predictor.image`), the slice is prompted again with the full extent and the mask that looks
+    more like the start is kept (an extent-prompted one then counts as an anchor), so a run that
+    slid onto a neighbour finds its way back instead of following it. Starts at `start` (default: the middle slice, where the box's extent most likely fits
     the structure, as in the LiteMedSAM baseline) prompted with the full extent, then goes up to
     `last` and down to `first`, each slice prompted with the previous mask's box plus margin,
     intersected with the extent. An empty mask does not stop: the next slice falls back to the full
@@ -459,10 +526,21 @@ def segment_box3d(
     if clip_to_box:
         clip[roi[1] : roi[3] + 1, roi[0] : roi[2] + 1] = True
 
-    def segment(index: int, box: Box2D) -> np.ndarray:
+    look: List[Optional[Appearance]] = [None]
+
+    def predict(index: int, box: Box2D) -> np.ndarray:
         mask, _ = run.predict(index, box)
-        if clip_to_box:
-            mask = mask & clip
+        return mask & clip if clip_to_box else mask
+
+    def segment(index: int, box: Box2D) -> np.ndarray:
+        mask = predict(index, box)
+        if look[0] is not None and box != roi and mask.any():
+            share = look[0].share(run.image(index), mask)
+            if share < min_appearance:
+                again = predict(index, roi)
+                if again.any() and look[0].share(run.image(index), again) > share:
+                    mask = again
+                    run.anchors.add(index)
         run.finish(index, mask)
         return mask
 
@@ -472,6 +550,8 @@ def segment_box3d(
     run.prefetch(_around(start, first, last, run.lookahead))
     seed = segment(start, roi)
     run.anchors.add(start)
+    if min_appearance is not None and seed.any() and run.image(start) is not None:
+        look[0] = Appearance(run.image(start), seed)
     for name, step, end in (("up", 1, last), ("down", -1, first)):
         prev = seed
         index = start
