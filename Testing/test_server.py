@@ -476,7 +476,7 @@ def guarded(tiny_checkpoint, tmp_path_factory):
     token_file = folder / "tokens.txt"
     token_file.write_text(f"# two users\n{TOKEN_A}\n\n{TOKEN_B}\n")
     srv = ServerProcess(tiny_checkpoint, folder, token_file=str(token_file), max_sessions=3,
-                        max_request_mb=1, idle_timeout_s=2.0).start()
+                        max_request_mb=1, idle_timeout_s=2.0, token_share=1.0).start()  # one user may fill it
     yield srv
     srv.stop()
 
@@ -747,3 +747,166 @@ def test_model_plan_pairs_models_and_checkpoints():
         model_plan(["medsam", "medsam"])
     with pytest.raises(InputError, match="unknown model"):
         model_plan(["sam9"])
+
+
+# ----------------------------------------------------------------------------------------------
+# hardening (issue 13): memory budget, per-user caps, a free event loop, no 500s, nothing late
+
+
+def test_an_overflowing_volume_shape_is_a_400_not_a_500(server):
+    """[2**32, 2**32, 1] made numpy's int64 size product wrap to 0, pass every check and crash."""
+    for shape in ([2**32, 2**32, 1], [2**62, 4, 1], [2**21, 2**21, 2**21]):
+        reply = requests.post(f"{server.url}/v1/sessions", json={"volume": dict(_small_payload(), shape=shape)},
+                              timeout=30)
+        _assert_4xx(reply, 400, "limit")
+
+
+def _stream(reply):
+    assert reply.status_code == 200, reply.text
+    return [json.loads(line) for line in reply.iter_lines() if line]
+
+
+def test_null_stop_rules_switch_rules_off_over_the_wire(server, remote):
+    """rules: {"min_area": null} raised inside the stream (a 200 followed by an internal error)."""
+    url = f"{server.url}/v1/sessions/{remote.session_id}/propagate"
+    body = {"seed_index": 5, "seed_box": BOX, "direction": "up",
+            "rules": {"min_area": None, "check_centroid": None, "max_area_ratio": None, "max_slices": 1}}
+    with requests.post(url, json=body, stream=True, timeout=(5, 120)) as reply:
+        messages = _stream(reply)
+    assert messages[-1]["type"] == "done", messages[-1]
+
+
+def test_bad_job_arguments_are_refused_before_the_stream_starts(server, remote):
+    api = f"{server.url}/v1/sessions/{remote.session_id}"
+    cases = [("/propagate", {"seed_index": 5, "seed_box": BOX, "margin": [1, 2, 3]}, "margin"),
+             ("/propagate", {"seed_index": 5, "seed_box": BOX, "margin": -2}, "margin"),
+             ("/box3d", {"box": BOX, "first": 3, "last": 5, "margin": [1, -1]}, "margin"),
+             ("/key-slices", {"key_boxes": [{"index": 2, "box": BOX}, {"index": 6, "box": BOX}], "combine": "avg"},
+              "combine"),
+             ("/key-slices", {"key_boxes": [{"index": 2, "box": BOX}, {"index": 6, "box": BOX}], "gap_fill": "x"},
+              "gap_fill"),
+             ("/propagate", {"seed_index": 5, "seed_box": BOX, "rules": {"max_slices": -1}}, "max_slices")]
+    for path, body, text in cases:
+        t0 = time.monotonic()
+        _assert_4xx(requests.post(f"{api}{path}", json=body, timeout=60), 400, text)
+        assert time.monotonic() - t0 < 30
+    assert RemoteEngine(server.url).info()["jobs"] == 0
+
+
+def test_a_volume_with_infinite_voxels_gets_a_one_line_4xx(server):
+    volume = np.zeros((2, 16, 16), np.float32)
+    volume[0, 3, 3] = np.inf
+    with pytest.raises(InputError, match="not finite.*infinite or NaN voxels"):
+        RemoteEngine(server.url).open_session(volume, "mr")
+    with RemoteEngine(server.url).open_session(volume, (400, 40)) as session:  # an explicit window is fine
+        assert session.window.high == 240.0
+
+
+def test_a_large_body_is_checked_off_the_event_loop(server):
+    """A repropagate with 8,192 masks of 512x512 (1.2 MB of JSON, ~3 s of decoding here) once
+    stalled every other request while its masks were decoded on the event loop."""
+    full = encode_mask(np.ones((512, 512), bool))
+    body = {"masks": [{"index": n % 2, "mask": full} for n in range(8192)], "corrected_index": 1,
+            "corrected_mask": full, "seed_index": 9}  # refused after every mask is decoded: no model work
+    session = RemoteEngine(server.url).open_session(np.zeros((2, 512, 512), np.int16), (400, 40))
+    result = {}
+
+    def post():
+        result["reply"] = requests.post(f"{server.url}/v1/sessions/{session.session_id}/repropagate", json=body,
+                                        timeout=300)
+
+    thread = threading.Thread(target=post)
+    try:
+        thread.start()
+        worst = 0.0
+        while thread.is_alive():
+            t0 = time.monotonic()
+            assert requests.get(f"{server.url}/v1/health", timeout=30).status_code == 200
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.05)
+        thread.join()
+    finally:
+        session.close()
+    _assert_4xx(result["reply"], 400, "seed slice")
+    assert worst < 1.0, f"health waited {worst:.2f} s behind the body's checks"
+
+
+MIB = 2**20
+VOLUME_1_2_MIB = np.zeros((3, 400, 512), np.int16)  # 1.17 MiB decompressed, a few KiB on the wire
+TOKEN_C = "token-c-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def budgeted(tiny_checkpoint, tmp_path_factory):
+    """4 MiB of memory: 1 for embeddings, 3 for volumes, 1.5 (and 2 sessions) per user."""
+    folder = tmp_path_factory.mktemp("budgeted")
+    token_file = folder / "tokens.txt"
+    token_file.write_text(f"{TOKEN_A}\n{TOKEN_B}\n{TOKEN_C}\n")
+    token_file.chmod(0o600)
+    srv = ServerProcess(tiny_checkpoint, folder, token_file=str(token_file), max_sessions=4,
+                        memory_gb=4 / 1024).start()
+    yield srv
+    srv.stop()
+
+
+def test_one_memory_budget_and_per_user_shares(budgeted):
+    users = {t: RemoteEngine(budgeted.url, token=t, retries=0) for t in (TOKEN_A, TOKEN_B, TOKEN_C)}
+    a = users[TOKEN_A].open_session(VOLUME_1_2_MIB, (400, 40))
+    info = users[TOKEN_A].info()
+    assert info["memory"]["budget_bytes"] == 3 * MIB and info["memory"]["per_user_bytes"] == 1.5 * MIB
+    assert info["memory"]["used_bytes"] == VOLUME_1_2_MIB.nbytes
+    with pytest.raises(ServerBusy, match="already hold"):  # A's share is used: 429 before decompressing
+        users[TOKEN_A].open_session(VOLUME_1_2_MIB + 1, (400, 40))
+    with pytest.raises(InputError, match="at most 2 MiB per user|at most 1 MiB per user|per user"):
+        users[TOKEN_B].open_session(np.zeros((4, 512, 512), np.int16), (400, 40))  # 2 MiB > any share: 413
+    b = users[TOKEN_B].open_session(VOLUME_1_2_MIB, (400, 40))
+    assert users[TOKEN_B].info()["memory"]["used_bytes"] == VOLUME_1_2_MIB.nbytes  # B sees only its own
+    assert "sessions_open" not in users[TOKEN_B].info()  # nor the server-wide counts
+    with pytest.raises(ServerBusy, match="memory budget"):  # 3.5 MiB > 3: 507
+        users[TOKEN_C].open_session(VOLUME_1_2_MIB, (400, 40))
+    a.close()  # frees A's share at once
+    c = users[TOKEN_C].open_session(VOLUME_1_2_MIB, (400, 40))
+    assert users[TOKEN_A].info()["memory"]["used_bytes"] == 0
+    b.close()
+    c.close()
+
+
+def test_one_user_cannot_take_every_session_slot(budgeted):
+    small = np.zeros((2, 16, 16), np.int16)
+    a = RemoteEngine(budgeted.url, token=TOKEN_A, retries=0)
+    mine = [a.open_session(small + n, "mr") for n in range(2)]
+    try:
+        with pytest.raises(ServerBusy, match="sessions open, the most one user"):
+            a.open_session(small + 2, "mr")
+        other = RemoteEngine(budgeted.url, token=TOKEN_B).open_session(small, "mr")
+        other.close()
+    finally:
+        for session in mine:
+            session.close()
+
+
+def test_a_closed_session_frees_its_volume_and_embeddings(tiny_engine, volume, window):
+    """In process: after close, nothing holds the volume (the worker kept its last task until the next
+    one arrived) and the cache holds no embedding of it."""
+    import gc
+    import weakref
+
+    from medsam_slicer.server.state import ServerState, Session
+
+    state = ServerState([tiny_engine], None, 64.0, memory_gb=1.0)
+    try:
+        vol = volume.copy()
+        reserved = state.admit("local", vol.nbytes)
+        session = Session("s1", "local", vol, window, None, tiny_engine, "medsam")
+        session.reserved = reserved
+        state.add_session(session)
+        session.predictor(state, "k")(3, BOX)
+        assert len(state.cache) == 1 and state.memory.used == vol.nbytes
+        alive = weakref.ref(vol)
+        state.close_session(session)
+        del vol, session
+        gc.collect()
+        assert alive() is None, "the closed session's volume is still referenced"
+        assert len(state.cache) == 0 and state.memory.used == 0
+    finally:
+        state.shutdown()

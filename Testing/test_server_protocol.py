@@ -67,7 +67,9 @@ def test_stop_rules_on_the_wire_follow_the_dataclass():
     assert protocol.rules_from_wire({}) == StopRules()
     assert protocol.rules_from_wire(None) is None
     off = protocol.rules_from_wire({name: None for name in Rules.model_fields})
-    assert off == StopRules(min_area=0, max_area_ratio=None, check_centroid=False, min_score=None, max_slices=None)
+    assert off.min_area == 0 and off.check_centroid is False  # a count of 0 and a check not made are "off"
+    assert all(getattr(off, f.name) is None for f in dataclasses.fields(StopRules)
+               if f.name not in ("min_area", "check_centroid"))
     with pytest.raises(InputError, match="unknown stop rule"):
         protocol.rules_from_wire({"speed": 1})
 

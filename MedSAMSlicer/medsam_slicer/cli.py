@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-timeout", type=float, default=1800, help="seconds before an idle session closes")
     serve.add_argument("--cache-mb", type=int, help="embedding cache budget shared by all sessions")
     serve.add_argument("--max-request-mb", type=int, default=1024, help="larger requests get 413")
+    serve.add_argument("--memory-gb", type=float,
+                       help="one budget for volumes, masks and embeddings (default: half this machine's RAM)")
     return parser
 
 
@@ -167,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             serve(host=args.host, port=args.port, models=args.model, checkpoint=args.checkpoint, device=args.device,
                   precision=args.precision, token=args.token, token_file=args.token_file,
                   max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,
-                  max_request_mb=args.max_request_mb)
+                  max_request_mb=args.max_request_mb, memory_gb=args.memory_gb)
             return 0
     except MedSAMError as exc:
         print(f"medsam-slicer: error: {exc}", file=sys.stderr)

@@ -31,7 +31,7 @@ from ..propagation import check_box
 from ..slicing import slice_shape
 from . import jobs
 from .httputil import BodyLimit, authenticate, describe_validation, error_response, http_error
-from .protocol import API_PREFIX, API_VERSION, check_index, decode_array, encode_mask
+from .protocol import API_PREFIX, API_VERSION, check_array, check_index, decode_array, encode_mask
 from .scheduler import SessionGone
 from .schemas import (
     Box3DRequest,
@@ -122,11 +122,18 @@ def create_app(engines, tokens: Optional[List[str]] = None, cache_mb: Optional[f
               summary="Upload a volume once and open a session on it")
     def create_session(req: CreateSession, who: str = Depends(owner)):
         model, engine = state.model(req.model)
-        volume = decode_array(req.volume.model_dump(), int(state.limits["max_volume_mb"] * 2**20))
-        window = resolve_window(req.window, volume)
-        geometry = req.geometry.model_dump() if req.geometry is not None else None
-        session = Session(secrets.token_urlsafe(16), who, volume, window, geometry, engine, model)
-        state.add_session(session)
+        payload = req.volume.model_dump()
+        reserved = state.admit(who, check_array(payload, int(state.limits["max_volume_mb"] * 2**20)))
+        try:  # the volume's memory is reserved before it is decompressed
+            volume = decode_array(payload, reserved + 1)
+            window = resolve_window(req.window, volume)
+            geometry = req.geometry.model_dump() if req.geometry is not None else None
+            session = Session(secrets.token_urlsafe(16), who, volume, window, geometry, engine, model)
+            session.reserved = reserved
+            state.add_session(session)
+        except BaseException:
+            state.memory.release(who, reserved)
+            raise
         log.info("session %s: %s %s, window %s, model %s", session.id[:8], list(volume.shape), volume.dtype,
                  window.name, model)
         return session.info(state.limits["idle_timeout_s"])

@@ -201,7 +201,7 @@ class RemoteEngine:
             raise InputError(f"{where} refused the upload: {message or 'too large'}")
         if status in (400, 422):
             raise InputError(message or f"{where} rejected the request ({status})")
-        if status in (429, 503):
+        if status in (429, 503, 507):
             raise ServerBusy(f"{where} is busy: {message or status}")
         if status == 404:
             raise RemoteError(f"{where} does not offer this call ({message or 'not found'}): is it a medsam-slicer server?")

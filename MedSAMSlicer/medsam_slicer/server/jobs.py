@@ -105,10 +105,64 @@ def _repropagate(session, req) -> Tuple[Work, Dict[int, np.ndarray]]:
 PREPARE = {"propagate": _propagate, "box3d": _box3d, "key-slices": _key_slices, "repropagate": _repropagate}
 
 
-async def start(state, session, route: str, req):
-    """Checks `req` for `route`, then runs its job and returns the streamed reply."""
+class _Reached(Exception):
+    """The dry run got past every argument check to the first model call."""
+
+
+class _Probe:
+    """Stands in for the session's predictor in a dry run: the engine's own argument checks all run
+    before its first model call (or progress report), which stops the run there."""
+
+    def __init__(self, session, axis: str):
+        self.n_slices = slice_count(session.volume.shape, axis)
+        self.slice_shape = slice_shape(session.volume.shape, axis)
+        self.default_margin = session.engine.default_margin(self.slice_shape)
+
+    def __call__(self, index, box):
+        raise _Reached()
+
+    def prefetch(self, indices):
+        raise _Reached()
+
+    def image(self, index):
+        raise _Reached()
+
+
+def _reached(*args):
+    raise _Reached()
+
+
+def check(session, route: str, req) -> Tuple[Work, Dict[int, np.ndarray]]:
+    """Every check of the request, the propagation function's own included (by a dry run that stops
+    at its first model call), so a bad argument is refused before the stream starts."""
     work, base = PREPARE[route](session, req)
+    try:
+        work(_Probe(session, req.axis), _reached, None)
+    except _Reached:
+        pass
+    return work, base
+
+
+async def start(state, session, route: str, req):
+    """Checks `req` for `route` off the event loop (decoding masks is CPU work; at most
+    CHECK_THREADS at a time), then runs its job and returns the streamed reply."""
+    import anyio
+
+    work, base = await anyio.to_thread.run_sync(check, session, route, req, limiter=_limiter())
     return await run_stream(state, session, req.job_id, req.axis, base, work)
+
+
+CHECK_THREADS = 2
+_LIMITER = None
+
+
+def _limiter():
+    global _LIMITER
+    if _LIMITER is None:
+        import anyio
+
+        _LIMITER = anyio.CapacityLimiter(CHECK_THREADS)
+    return _LIMITER
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # a request takes that function's default, so no default is written twice.
 JOB_OPTIONS = {
     "propagate": ("propagate_from_slice", ("direction", "rules", "margin", "keep_largest", "fill_holes", "lookahead")),
-    "box3d": ("segment_box3d", ("start", "margin", "keep_largest", "fill_holes", "clip_to_box", "lookahead")),
+    "box3d": ("segment_box3d", ("start", "margin", "keep_largest", "fill_holes", "clip_to_box", "min_appearance",
+                                "lookahead")),
     "key-slices": ("segment_key_slices", ("margin", "keep_largest", "fill_holes", "combine", "gap_fill", "lookahead")),
     "repropagate": ("repropagate", ("rules", "margin", "keep_largest", "fill_holes", "lookahead")),
 }
@@ -191,7 +192,17 @@ def encode_array(array: np.ndarray, level: int = 1) -> Dict[str, Any]:
     }
 
 
-def decode_array(payload: Dict[str, Any], max_bytes: int, what: str = "volume", ndim: Sequence[int] = (3,)) -> np.ndarray:
+def array_bytes(shape: Sequence[int], dtype_name: str) -> int:
+    """Bytes of an array of this shape and dtype, in Python integers (numpy's int64 product
+    overflows: [2**32, 2**32, 1] made 0 and passed every size check)."""
+    size = np.dtype(dtype_name).itemsize
+    for n in shape:
+        size *= int(n)
+    return size
+
+
+def check_array(payload: Dict[str, Any], max_bytes: int, what: str = "volume", ndim: Sequence[int] = (3,)) -> int:
+    """Checks an array payload's dtype, compression and shape (nothing decoded); returns its size in bytes."""
     dtype_name = payload.get("dtype")
     shape = payload.get("shape")
     if dtype_name not in VOLUME_DTYPES:
@@ -201,13 +212,19 @@ def decode_array(payload: Dict[str, Any], max_bytes: int, what: str = "volume", 
     if not isinstance(shape, (list, tuple)) or len(shape) not in ndim:
         raise WireError(f"{what}: shape must have {' or '.join(str(n) for n in ndim)} dimensions")
     if any((not isinstance(n, int)) or isinstance(n, bool) or n < 1 for n in shape):
-        raise WireError(f"{what}: shape entries must be positive integers, got {list(shape)}")
-    dtype = np.dtype(dtype_name).newbyteorder("<")
-    expected = int(np.prod([int(n) for n in shape], dtype=np.int64)) * dtype.itemsize
+        raise WireError(f"{what}: shape entries must be positive integers, got {list(shape)[:8]}")
+    expected = array_bytes(shape, dtype_name)
     if expected > max_bytes:
         raise WireError(f"{what}: {expected / 2**20:.0f} MiB of voxels exceeds the server's limit of {max_bytes / 2**20:.0f} MiB")
+    return expected
+
+
+def decode_array(payload: Dict[str, Any], max_bytes: int, what: str = "volume", ndim: Sequence[int] = (3,)) -> np.ndarray:
+    expected = check_array(payload, max_bytes, what, ndim)
+    shape = [int(n) for n in payload["shape"]]
+    dtype = np.dtype(payload["dtype"]).newbyteorder("<")
     raw = _inflate(_b64decode(payload.get("data"), what), expected, what)
-    return np.frombuffer(raw, dtype=dtype).reshape([int(n) for n in shape]).astype(dtype.newbyteorder("="))
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 EMPTY_CROP = {"offset": [0, 0], "shape": [0, 0], "data": ""}

@@ -170,6 +170,9 @@ class Scheduler:
                     task.future.set_exception(exc)
                 if not isinstance(exc, MedSAMError):
                     log.exception("model work failed")
+            # let go of the task while waiting: it holds its predictor, hence its session's volume,
+            # which must be freed when the session closes, not when the next task arrives
+            del task, peers
 
     def _execute(self, task: _Task, peers: Sequence[_Task]) -> None:
         self.stats["tasks"] += 1

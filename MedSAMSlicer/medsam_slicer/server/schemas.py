@@ -156,6 +156,7 @@ class Box3DRequest(_JobOptions):
     last: int
     start: Optional[int] = _option("box3d", "start", "slice to start from (None: the middle)")
     clip_to_box: Optional[bool] = _option("box3d", "clip_to_box")
+    min_appearance: Optional[float] = _option("box3d", "min_appearance", "re-prompt with the 3D box below this share")
 
 
 class KeyBox(_Strict):
@@ -205,7 +206,11 @@ def resolve_window(spec: WindowSpec, volume: np.ndarray) -> IntensityWindow:
         if spec.preset is not None:
             raise InputError("give either a window (width, level) or a preset, not both")
         return choose_window(volume, window=(spec.width, spec.level))
-    return choose_window(volume, preset=spec.preset)
+    window = choose_window(volume, preset=spec.preset)
+    if not (np.isfinite(window.low) and np.isfinite(window.high)):  # computed from infinite or NaN voxels
+        raise InputError(f"the {window.name} window of this volume is not finite (low {window.low:g}, high "
+                         f"{window.high:g}): the volume has infinite or NaN voxels; give a window (width, level)")
+    return window
 
 
 def job_kwargs(route: str, req: _JobOptions) -> Dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import threading
 import time
@@ -36,7 +37,70 @@ DEFAULTS = dict(
     max_volume_mb=2048.0,  # decompressed voxels of one volume
     max_batch=4,  # slices per encoder call
     heartbeat_s=5.0,  # idle streams send a heartbeat line this often
+    memory_gb=None,  # one budget for volumes, masks in flight and embeddings (None: half the machine's RAM)
+    token_share=0.5,  # with tokens: the most of the sessions and of the volume memory one token may hold
 )
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine (0 when the system does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+class MemoryBudget:
+    """Bytes held by sessions' volumes and jobs' masks, against one budget and a per-owner share.
+    Reserved before anything is allocated; released when the session closes or the job ends."""
+
+    def __init__(self, total: int, owner_share: Optional[float]):
+        self.total = int(total)
+        self.per_owner = int(total * owner_share) if owner_share else self.total
+        self.used = 0
+        self.by_owner: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def reserve(self, owner: str, nbytes: int, what: str) -> int:
+        nbytes = int(nbytes)
+        mb = nbytes / 2**20
+        with self._lock:
+            if nbytes > self.per_owner:
+                raise http_error(413, "too_large", f"{what} needs {mb:.0f} MiB; this server allows at most "
+                                 f"{self.per_owner / 2**20:.0f} MiB per user")
+            mine = self.by_owner.get(owner, 0)
+            if mine + nbytes > self.per_owner:
+                raise http_error(429, "memory_share_used",
+                                 f"{what} needs {mb:.0f} MiB but your sessions already hold {mine / 2**20:.0f} of "
+                                 f"your {self.per_owner / 2**20:.0f} MiB: close a session first", {"Retry-After": "30"})
+            if self.used + nbytes > self.total:
+                raise http_error(507, "memory_full",
+                                 f"{what} needs {mb:.0f} MiB but only {(self.total - self.used) / 2**20:.0f} MiB of "
+                                 "the server's memory budget is free; try again later", {"Retry-After": "30"})
+            self.used += nbytes
+            self.by_owner[owner] = mine + nbytes
+        return nbytes
+
+    def release(self, owner: str, nbytes: int) -> None:
+        with self._lock:
+            self.used -= int(nbytes)
+            left = self.by_owner.get(owner, 0) - int(nbytes)
+            if left > 0:
+                self.by_owner[owner] = left
+            else:
+                self.by_owner.pop(owner, None)
+
+
+class ServerCache(EmbeddingCache):
+    """The shared embedding cache, which also forgets every embedding of a closed volume."""
+
+    def drop_volume(self, key: str) -> int:
+        with self._lock:
+            gone = [k for k in self._items if isinstance(k, tuple) and k and k[0] == key]
+            for k in gone:
+                del self._items[k]
+                self.used_bytes -= self._sizes.pop(k)
+        return len(gone)
 
 
 class Job:
@@ -61,6 +125,7 @@ class Session:
         # the owner is part of the cache key: identical uploads by two tokens share nothing
         self.key = f"{owner}:{volume_key(volume)}"
         self.volume_key = self.key.split(":", 1)[1]
+        self.reserved = 0  # bytes of the memory budget this session holds (its volume)
         self.last_used = time.monotonic()
         self.jobs: Dict[str, Job] = {}
         self.lock = threading.Lock()
@@ -123,7 +188,15 @@ class ServerState:
         self.limits = dict(DEFAULTS, **limits)
         self.tokens = [(t.encode(), owner_tag(t)) for t in (tokens or [])]
         budget = int(cache_mb * 2**20) if cache_mb else default_budget_bytes(self.engine.device)
-        self.cache = EmbeddingCache(budget)  # one budget for every model (keys include the model)
+        memory = int(float(self.limits["memory_gb"]) * 2**30) if self.limits["memory_gb"] else \
+            machine_memory_bytes() // 2 or 8 * 2**30
+        if self.engine.device == "cpu":  # embeddings live in the same RAM: they count against the budget
+            budget = min(budget, memory // 4)
+            memory -= budget
+        self.cache = ServerCache(budget)  # one budget for every model (keys include the model)
+        share = float(self.limits["token_share"]) if self.tokens else None
+        self.memory = MemoryBudget(memory, share)
+        self.token_sessions = max(1, int(self.limits["max_sessions"] * share)) if share else None
         self.scheduler = Scheduler(max_batch=self.limits["max_batch"])
         self.sessions: Dict[str, Session] = {}
         self.jobs: Dict[Tuple[str, str], Job] = {}
@@ -155,13 +228,27 @@ class ServerState:
             key=session.key,
         )
 
-    def add_session(self, session: Session) -> None:
+    def admit(self, owner: str, nbytes: int) -> int:
+        """Room for one more session of `owner` whose volume takes `nbytes`: checked and reserved
+        before the volume is decompressed (release it with memory.release if the session is not made)."""
         self.reap()
         with self.lock:
-            if len(self.sessions) >= self.limits["max_sessions"]:
-                raise http_error(503, "server_full",
-                            f"the server is full ({self.limits['max_sessions']} sessions open); "
-                            "close a session or try again later", {"Retry-After": "30"})
+            self._check_room(owner)
+        return self.memory.reserve(owner, nbytes, "this volume")
+
+    def _check_room(self, owner: str) -> None:
+        if len(self.sessions) >= self.limits["max_sessions"]:
+            raise http_error(503, "server_full", f"the server is full ({self.limits['max_sessions']} sessions open); "
+                             "close a session or try again later", {"Retry-After": "30"})
+        if self.token_sessions is not None:
+            mine = sum(1 for s in self.sessions.values() if s.owner == owner)
+            if mine >= self.token_sessions:
+                raise http_error(429, "too_many_sessions", f"you have {mine} sessions open, the most one user may "
+                                 "hold here: close one first", {"Retry-After": "30"})
+
+    def add_session(self, session: Session) -> None:
+        with self.lock:
+            self._check_room(session.owner)
             self.sessions[session.id] = session
 
     def session(self, owner: str, sid: str) -> Session:
@@ -173,12 +260,20 @@ class ServerState:
         return session
 
     def close_session(self, session: Session) -> None:
+        """Cancels its jobs, drops its queued work, frees its memory share and forgets its embeddings
+        (unless another open session of the same owner holds the same volume)."""
         with self.lock:
-            self.sessions.pop(session.id, None)
+            was_open = self.sessions.pop(session.id, None) is not None
             jobs = list(session.jobs.values())
+            shared = any(s.key == session.key for s in self.sessions.values())
         for job in jobs:
             job.cancel.set()
         self.scheduler.drop_group(session.id)
+        if was_open:
+            reserved, session.reserved = session.reserved, 0
+            self.memory.release(session.owner, reserved)
+            if not shared:
+                self.cache.drop_volume(session.key)
 
     def reap(self) -> int:
         """Closes sessions idle for longer than the timeout (those running a job are busy, not idle)."""
@@ -246,7 +341,10 @@ class ServerState:
             mine = sum(1 for s in self.sessions.values() if s.owner == owner)
             total_sessions = len(self.sessions)
             jobs = sum(1 for (o, _) in self.jobs if o == owner)
-        return {
+        tenant = bool(self.tokens)  # with tokens each user sees their own use, not the others'
+        memory = {"budget_bytes": self.memory.total, "per_user_bytes": self.memory.per_owner,
+                  "used_bytes": self.memory.by_owner.get(owner, 0) if tenant else self.memory.used}
+        reply = {
             "name": "medsam-slicer",
             "version": __version__,
             "api": API_VERSION,
@@ -267,7 +365,13 @@ class ServerState:
             "queue": self.scheduler.queued(),
             "worker": dict(self.scheduler.stats),
             "uptime_s": round(time.time() - self.started, 1),
+            "memory": memory,
+            "max_sessions_per_user": self.token_sessions,
         }
+        if tenant:
+            for name in ("sessions_open", "cache", "queue", "worker", "gpu"):
+                reply.pop(name)
+        return reply
 
 
 def _model_info(name: str, engine, default: bool) -> Dict[str, Any]:
