@@ -9,7 +9,9 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .engine import PRECISIONS
 from .errors import MedSAMError
+from .model import DEVICES
 from .models import DEFAULT_MODEL, MODEL_NAMES
 from .windowing import PRESET_NAMES
 
@@ -32,8 +34,8 @@ def _add_model_option(p: argparse.ArgumentParser) -> None:
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     _add_model_option(p)
     p.add_argument("--checkpoint", metavar="FILE", help="weights file (.pth, .bin or .safetensors); default: the model's own")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto (CUDA, MPS, CPU)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--device", default="auto", choices=DEVICES, help="default: auto (CUDA, MPS, CPU)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="default: auto (bf16 on CUDA and bf16-capable CPUs, fp16 on MPS, else fp32)")
     p.add_argument("--disk-cache", metavar="DIR", help="keep image embeddings in DIR across runs (or set MEDSAM_SLICER_DISK_CACHE)")
     p.add_argument("--server", metavar="URL", help="run on a remote medsam-slicer server instead of locally")
@@ -84,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("manifest", help="JSON Lines file, one case per line")
     _add_model_option(batch)
     batch.add_argument("--checkpoint", metavar="FILE", help="weights file; default: the model's own")
-    batch.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    batch.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    batch.add_argument("--device", default="auto", choices=DEVICES)
+    batch.add_argument("--precision", default="auto", choices=PRECISIONS)
     batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="run on Ray: a cluster's address, or none to use RAY_ADDRESS or start a local Ray")
     batch.add_argument("--workers", type=int, help="processes here, or Ray actors (default: 1; with Ray, one per GPU)")
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time the encoder, decoder, re-prompts and propagation on this machine")
     _add_model_option(bench)
     bench.add_argument("--checkpoint", metavar="FILE", help="default: random weights of the model (speed does not depend on values)")
-    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    bench.add_argument("--device", default="auto", choices=DEVICES)
     bench.add_argument("--precisions", nargs="+", default=None, help="e.g. fp32 bf16 (default: per device)")
     bench.add_argument("--slices", type=int, default=8, help="slices propagated (default 8)")
     bench.add_argument("--no-reference", action="store_true", help="skip the published fp32 reference configuration")
@@ -124,8 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"model(s) to hold, repeat for several; requests name theirs (default: {DEFAULT_MODEL})")
     serve.add_argument("--checkpoint", metavar="FILE", action="append",
                        help="weights instead of the model's own: one per --model, in the same order")
-    from .engine import PRECISIONS
-    from .server.protocol import DEVICES
 
     serve.add_argument("--device", default="auto", choices=DEVICES)
     serve.add_argument("--precision", default="auto", choices=PRECISIONS)

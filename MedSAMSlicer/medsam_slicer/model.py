@@ -11,6 +11,9 @@ from typing import Dict, Optional
 
 from .errors import CheckpointError, InputError
 
+# What every front end offers for --device (resolved by resolve_device); precisions: engine.PRECISIONS.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
 
 def resolve_device(name: str = "auto") -> str:
     """auto: CUDA, then Apple MPS, then CPU. An explicit device that is absent is an error."""

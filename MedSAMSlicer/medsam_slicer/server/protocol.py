@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError
+from ..model import DEVICES  # noqa: F401  (what `serve --device` accepts, for the server's users)
 from ..windowing import IntensityWindow
 
 API_PREFIX = "/v1"
@@ -32,8 +33,6 @@ API_VERSION = 1  # the server's /v1/info "api"; the client refuses another
 # Voxel types a volume may be sent as (little-endian on the wire).
 VOLUME_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
-# Devices `serve --device` accepts (resolved by model.resolve_device); precisions: engine.PRECISIONS.
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # Streamed jobs: route -> (propagation function, keyword options that travel). An option left out of
 # a request takes that function's default, so no default is written twice.
