@@ -51,10 +51,14 @@ class MedSAMEngine:
     (reduced precisions then run it under autocast). compile: torch.compile the fast encoder (GPU).
     family: the model's family module or registry name (default: ViT-B MedSAM, the `sam` the
     tests build); it is part of `model_id`, hence of every embedding cache key.
+    backend: the image encoder's engine on the CPU, "torch" (default), "onnx", "openvino" or "auto"
+    (see `backends.py`: exported at first use, checked against torch, cached on disk; auto chooses
+    by a cached calibration). A backend other than torch computes in fp32 and adds itself to
+    `model_id`.
     """
 
     def __init__(self, sam, device: str = "cpu", precision: str = "fp32", model_id: str = "medsam",
-                 fast: bool = True, compile: bool = False, family="medsam"):
+                 fast: bool = True, compile: bool = False, family="medsam", backend: str = "torch"):
         import torch
 
         from .models import get_family
@@ -81,10 +85,42 @@ class MedSAMEngine:
                     return encoder(x.float())
 
             self._encoder = autocast_encoder
+        self.backend = "torch"
+        from .backends import check_backend
+
+        backend = check_backend(backend)
+        if backend != "torch":
+            self._use_backend(backend, precision)
+
+    def _use_backend(self, name: str, requested_precision: str) -> None:
+        import torch
+
+        from . import backends
+
+        if self.device != "cpu" or not self.fast:
+            if name == "auto":
+                return
+            raise backends.BackendError(f"backend {name} runs the image encoder on the CPU: use --device cpu or --backend torch")
+        if name != "auto" and self.precision != "fp32" and (requested_precision or "auto").lower() != "auto":
+            raise backends.BackendError(f"backend {name} computes in fp32: use --precision fp32 (or auto)")
+        reference = self._encoder
+        if self.precision != "fp32":
+            reference = self.family.prepare_encoder(self.sam, torch.float32, self.device)
+        if name == "auto":
+            name, encoder = backends.choose(self.sam, self.family, self._encoder, reference, self.decode,
+                                            tag=self.precision)
+            if name == "torch":
+                return
+        else:
+            encoder = backends.prepare(name, self.sam, self.family, reference, self.decode)
+        self._encoder, self.backend, self.precision = encoder, name, "fp32"
+        self._dtype = torch.float32
+        base = self.model_id.rsplit(":", 1)[0]
+        self.model_id = f"{base}:fp32:{name}"
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto",
-                        model: Optional[str] = None) -> "MedSAMEngine":
+                        model: Optional[str] = None, backend: str = "torch") -> "MedSAMEngine":
         """Loads a weights file; its family is recognised from the tensors unless `model` names it."""
         import hashlib
         import os
@@ -93,7 +129,7 @@ class MedSAMEngine:
         net, family, arch = load_model(path, model)
         stat = os.stat(path)
         ident = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        engine = cls(net, device, precision, model_id=f"{arch}:{ident}", family=family)
+        engine = cls(net, device, precision, model_id=f"{arch}:{ident}", family=family, backend=backend)
         engine.architecture = arch
         engine.checkpoint = path
         return engine
@@ -101,7 +137,7 @@ class MedSAMEngine:
     @classmethod
     def load(cls, model: Optional[str] = None, checkpoint: Optional[str] = None, device: str = "auto",
              precision: str = "auto", download: bool = True, progress: bool = False,
-             progress_callback=None) -> "MedSAMEngine":
+             progress_callback=None, backend: str = "torch") -> "MedSAMEngine":
         """The engine for a registered model: `checkpoint` if given (its family recognised when
         `model` is None), else that model's own weights (DEFAULT_MODEL when both are None), found
         or downloaded and verified by its family."""
@@ -116,7 +152,7 @@ class MedSAMEngine:
             from .weights import ensure_weights
 
             checkpoint = ensure_weights(checkpoint)  # a one-line error for a missing file
-        return cls.from_checkpoint(checkpoint, device=device, precision=precision, model=model)
+        return cls.from_checkpoint(checkpoint, device=device, precision=precision, model=model, backend=backend)
 
     @property
     def input_size(self) -> int:

@@ -1,0 +1,465 @@
+"""CPU inference engines for the image encoder: ONNX Runtime and OpenVINO next to the torch path.
+
+The encoder module of the loaded network (segment-anything's ViT or our TinyViT, exactly as the
+weights were loaded) is exported once to ONNX with the torch.export-based exporter (static input
+shape), then run by ONNX Runtime or compiled by OpenVINO. Both are optional packages
+(``pip install medsam-slicer[cpu]``); nothing here imports them, torch or onnx at import time.
+
+Before an exported encoder is used the first time it is checked against the torch path on a real
+CT slice (the CT sample that slicerio ships; a synthetic slice if that cannot be read): masks for
+several boxes must agree on >= 99.9% of the pixels the torch path is sure of (probability outside
+0.45-0.55) and the embedding's relative error (max |difference| / max |torch|) must stay <= 1e-3.
+Otherwise it is refused with one line (``BackendError``). The export and the verdict are cached on
+disk, keyed by a digest of the encoder's weights, the model family, the backend and library
+versions, torch's version and the CPU (model name and instruction sets); a passed verdict is not
+re-checked on later loads with the same key. The folder is ``$MEDSAM_SLICER_BACKEND_CACHE``, else
+``backends/`` in the weights cache.
+
+Interrupts are coarse: checked before each slice (one backend call cannot be stopped halfway).
+
+``auto``: a short calibration (each available backend exported, checked, timed on the check slice
+against the torch path) picks the fastest configuration that passes; a backend must beat torch by
+10% to be chosen (timings on a shared CPU are noisy). The verdict is cached per weights, CPU,
+library versions and thread count, so later runs do not calibrate again.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import MedSAMError
+
+BACKENDS = ("torch", "onnx", "openvino")
+CHOICES = ("auto",) + BACKENDS
+# backend -> the module its runtime needs (the exporter also needs onnx and onnxscript)
+RUNTIME_MODULE = {"onnx": "onnxruntime", "openvino": "openvino"}
+EXPORT_MODULES = ("onnx", "onnxscript")
+CACHE_ENV = "MEDSAM_SLICER_BACKEND_CACHE"
+
+# The accuracy guard (fp32): see the module docstring.
+MIN_AGREEMENT = 0.999
+MAX_RELATIVE_ERROR = 1e-3
+CONFIDENT = (0.45, 0.55)
+AUTO_MARGIN = 0.9  # auto takes a backend only if it needs <= 90% of the torch path's time
+
+CHECK_SLICE = 20  # CTChest4 slice with lung, mediastinum and body outline
+CHECK_BOXES = ((20, 30, 60, 95), (55, 70, 75, 100), (5, 10, 120, 118), (70, 30, 110, 90))
+
+
+class BackendError(MedSAMError):
+    """A backend that is not installed, fails to export, or fails the accuracy guard."""
+
+
+def check_backend(name: Optional[str]) -> str:
+    name = (name or "torch").strip().lower()
+    if name not in CHOICES:
+        raise BackendError(f"unknown backend '{name}': use {', '.join(CHOICES)}")
+    return name
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def available(name: str) -> bool:
+    """Whether a backend can run here (torch always; the others need their runtime and the exporter)."""
+    if name == "torch":
+        return True
+    return _has(RUNTIME_MODULE[name]) and all(_has(m) for m in EXPORT_MODULES)
+
+
+def available_backends() -> List[str]:
+    return [b for b in BACKENDS if available(b)]
+
+
+def library_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[name]
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
+
+
+# ------------------------------------------------------------------------------------------- CPU
+
+_FLAGS_SHOWN = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo_text() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_info(threads: Optional[int] = None) -> Dict[str, object]:
+    """The CPU's model, its instruction sets that matter here and an fp32 peak estimate.
+
+    peak = cores used x GHz x fp32 FLOP per cycle per core, where FLOP/cycle is 2 FMA pipes x
+    vector lanes x 2: 64 with AVX-512 on Intel (two 512-bit FMA units), 32 with AVX-512 on AMD
+    (Zen 4 splits 512-bit operations over its 256-bit units) and with AVX2 + FMA, 16 without FMA.
+    GHz: the "@ x.xxGHz" of the model name if there is one, else /proc/cpuinfo's "cpu MHz" (the
+    current or nominal clock; turbo is not counted). An estimate, good to a factor of ~1.3.
+    """
+    text = _cpuinfo_text()
+    model, mhz, flags = platform.processor() or platform.machine(), None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name" and model in ("", platform.processor(), platform.machine()):
+            model = value
+        elif key == "cpu MHz" and mhz is None:
+            try:
+                mhz = float(value)
+            except ValueError:
+                pass
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    ghz, ghz_source = None, "unknown"
+    if "GHz" in model and "@" in model:
+        try:
+            ghz, ghz_source = float(model.rsplit("@", 1)[1].replace("GHz", "").strip()), "model name"
+        except ValueError:
+            pass
+    if ghz is None and mhz:
+        ghz, ghz_source = mhz / 1000.0, "cpu MHz"
+    amd = "AMD" in model.upper() or "authenticamd" in text.lower()
+    if "avx512f" in flags:
+        flop = 32 if amd else 64
+    elif "avx2" in flags and "fma" in flags:
+        flop = 32
+    else:
+        flop = 16
+    cores = int(threads or os.cpu_count() or 1)
+    peak = cores * ghz * flop if ghz else None
+    return {
+        "model": model,
+        "isa": [f for f in _FLAGS_SHOWN if f in flags],
+        "cores": cores,
+        "ghz": round(ghz, 2) if ghz else None,
+        "ghz_source": ghz_source,
+        "flop_per_cycle": flop,
+        "peak_gflops": round(peak, 1) if peak else None,
+    }
+
+
+def cpu_key() -> str:
+    info = cpu_info(1)
+    return f"{info['model']}|{','.join(info['isa'])}"
+
+
+# ----------------------------------------------------------------------------------------- cache
+
+
+def cache_root(cache: Optional[str] = None) -> str:
+    folder = cache or os.environ.get(CACHE_ENV, "").strip() or None
+    if folder is None:
+        from .weights import cache_dir
+
+        folder = os.path.join(cache_dir(), "backends")
+    return os.path.abspath(os.path.expanduser(str(folder)))
+
+
+def weights_digest(module) -> str:
+    """SHA-256 over the names, shapes and bytes of a module's tensors (parameters and buffers)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _key(parts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------------- export
+
+
+def export_onnx(encoder, size: int, path: str) -> str:
+    """Exports the encoder module (1, 3, size, size) -> (1, 256, 64, 64) to one ONNX file, atomically."""
+    import torch
+
+    if not all(_has(m) for m in EXPORT_MODULES):
+        raise BackendError("exporting to ONNX needs the onnx and onnxscript packages: pip install medsam-slicer[cpu]")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(path))
+    try:
+        out = os.path.join(tmp, os.path.basename(path))
+        x = torch.rand(1, 3, size, size)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(encoder.eval(), (x,), dynamo=True, input_names=["x"], output_names=["embedding"],
+                                        optimize=True, verbose=False)
+            program.save(out, external_data=False)
+        os.replace(out, path)
+    except BackendError:
+        raise
+    except Exception as exc:  # the exporter's errors are long; one line says what failed
+        raise BackendError(f"could not export the image encoder to ONNX ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _onnx_runner(path: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return run
+
+
+def _openvino_runner(path: str, threads: int, cache_dir: Optional[str] = None) -> Callable[[np.ndarray], np.ndarray]:
+    import openvino as ov
+
+    core = ov.Core()
+    if cache_dir:
+        core.set_property({"CACHE_DIR": cache_dir})  # compiled blobs: later loads skip compilation
+    # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise compute in bf16.
+    compiled = core.compile_model(core.read_model(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return np.array(request.infer({0: x})[0], copy=True)
+
+    return run
+
+
+class BackendEncoder:
+    """The encoder callable `f(x, interrupt=None) -> (B, 256, 64, 64) float32 torch tensor` over a
+    backend; one slice per backend call, the interrupt checked before each."""
+
+    def __init__(self, name: str, run: Callable[[np.ndarray], np.ndarray], folder: str, report: Dict):
+        self.name = name
+        self.run = run
+        self.folder = folder
+        self.report = report
+
+    def __call__(self, x, interrupt=None):
+        import torch
+
+        from .fast_encoder import EncodeInterrupted
+
+        outs = []
+        data = x.detach().to("cpu", torch.float32).numpy()
+        for i in range(data.shape[0]):
+            if interrupt is not None and interrupt():
+                raise EncodeInterrupted()
+            outs.append(torch.from_numpy(self.run(np.ascontiguousarray(data[i : i + 1]))))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def check_slice():
+    """(uint8 slice, boxes (N, 4)): a windowed slice of the CT sample, else a synthetic one."""
+    try:
+        import SimpleITK as sitk
+        import slicerio
+
+        from .windowing import choose_window
+
+        path = os.path.join(os.path.dirname(slicerio.__file__), "data", "CTChest4.nrrd")
+        volume = sitk.GetArrayFromImage(sitk.ReadImage(path))
+        grey = choose_window(volume).apply(volume[CHECK_SLICE])
+    except Exception:  # no sample: discs of different brightness on a gradient
+        yy, xx = np.mgrid[0:128, 0:128]
+        grey = (xx * 0.5).astype(np.float64)
+        for cy, cx, r, v in ((60, 40, 25, 200), (70, 90, 18, 140), (30, 100, 10, 255)):
+            grey[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = v
+        grey = grey.astype(np.uint8)
+    return grey, np.array(CHECK_BOXES, dtype=float)
+
+
+def compare(reference_embedding, embedding, decode: Callable, boxes, size) -> Dict[str, float]:
+    """Embedding relative error and the masks' agreement on the reference's confident pixels."""
+    ref = reference_embedding.float().cpu().numpy()
+    emb = embedding.float().cpu().numpy()
+    rel = float(np.abs(emb - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+    prob_ref, _ = decode(reference_embedding, boxes, size)
+    prob, _ = decode(embedding, boxes, size)
+    confident = (prob_ref < CONFIDENT[0]) | (prob_ref > CONFIDENT[1])
+    agree = ((prob > 0.5) == (prob_ref > 0.5))[confident]
+    return {"relative_error": rel, "agreement": float(agree.mean()) if agree.size else 1.0,
+            "confident_fraction": float(confident.mean())}
+
+
+def passes(result: Dict[str, float]) -> bool:
+    return result["agreement"] >= MIN_AGREEMENT and result["relative_error"] <= MAX_RELATIVE_ERROR
+
+
+# --------------------------------------------------------------------------------------- prepare
+
+
+def prepare(name: str, net, family, reference: Callable, decode: Callable, threads: Optional[int] = None,
+            cache: Optional[str] = None, digest: Optional[str] = None) -> BackendEncoder:
+    """The backend's encoder for `net.image_encoder`: exported (or found in the cache), checked the
+    first time against `reference` (the torch encoder in fp32) with the engine's `decode`, refused
+    with a BackendError if the guard fails."""
+    import torch
+
+    if name not in RUNTIME_MODULE:
+        raise BackendError(f"unknown encoder backend '{name}': use {', '.join(RUNTIME_MODULE)}")
+    if not available(name):
+        raise BackendError(f"backend {name} needs {RUNTIME_MODULE[name]}, onnx and onnxscript: "
+                           "pip install medsam-slicer[cpu]")
+    threads = int(threads or torch.get_num_threads())
+    digest = digest or weights_digest(net.image_encoder)
+    key = _key([digest, family.NAME, str(family.INPUT_SIZE), name, library_version(name), torch.__version__,
+                _version("onnxscript"), cpu_key()])
+    folder = os.path.join(cache_root(cache), f"{family.NAME}-{name}-{key}")
+    model_path = os.path.join(folder, "encoder.onnx")
+    verdict_path = os.path.join(folder, "verdict.json")
+    report = _read_json(verdict_path)
+    if not os.path.isfile(model_path):
+        t = time.perf_counter()
+        export_onnx(net.image_encoder, int(family.INPUT_SIZE), model_path)
+        report = None
+        export_s = time.perf_counter() - t
+    else:
+        export_s = 0.0
+    try:
+        if name == "onnx":
+            run = _onnx_runner(model_path, threads)
+        else:
+            run = _openvino_runner(model_path, threads, os.path.join(folder, "openvino-cache"))
+    except Exception as exc:
+        raise BackendError(f"backend {name} could not load the exported encoder ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    encoder = BackendEncoder(name, run, folder, report or {})
+    if report is None or not report.get("passed") or os.path.getsize(model_path) != report.get("bytes"):
+        grey, boxes = check_slice()
+        x = torch.from_numpy(np.ascontiguousarray(family.model_input(grey)))
+        with torch.inference_mode():
+            expected = reference(x)
+            t = time.perf_counter()
+            embedding = encoder(x)
+            backend_s = time.perf_counter() - t
+            result = compare(expected, embedding, decode, boxes, grey.shape[:2])
+        report = dict(result, passed=passes(result), backend=name, version=library_version(name),
+                      bytes=os.path.getsize(model_path), export_s=round(export_s, 2), check_s=round(backend_s, 3))
+        _write_json(verdict_path, report)
+        encoder.report = report
+        if not report["passed"]:
+            raise BackendError(
+                f"backend {name} failed the accuracy check against torch (mask agreement "
+                f"{result['agreement']:.4%} < {MIN_AGREEMENT:.1%} or embedding error {result['relative_error']:.1e} "
+                f"> {MAX_RELATIVE_ERROR:.0e}); use --backend torch")
+    return encoder
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def _read_json(path: str) -> Optional[Dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, data: Dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ auto
+
+
+def _seconds(encoder: Callable, x, repeats: int = 2) -> float:
+    import torch
+
+    with torch.inference_mode():
+        encoder(x)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            encoder(x)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Callable, threads: Optional[int] = None,
+           cache: Optional[str] = None, candidates: Optional[Sequence[str]] = None, log=None, tag: str = ""):
+    """`auto`: (backend name, encoder) of the fastest configuration that passes the guard, from a
+    calibration cached per weights, CPU, library versions and threads; ("torch", torch_encoder)
+    unless a backend is at least 10% faster. `torch_encoder` is the engine's own torch path (maybe
+    bf16, under its own guard), `reference` the fp32 torch encoder the backends are checked against;
+    `tag` names the torch path's configuration in the cache key (e.g. its precision)."""
+    import torch
+
+    threads = int(threads or torch.get_num_threads())
+    candidates = [b for b in (candidates or RUNTIME_MODULE) if available(b)]
+    if not candidates:
+        return "torch", torch_encoder
+    digest = weights_digest(net.image_encoder)
+    key = _key([digest, family.NAME, torch.__version__, cpu_key(), str(threads), tag]
+               + [f"{b}={library_version(b)}" for b in candidates])
+    path = os.path.join(cache_root(cache), f"auto-{family.NAME}-{key}.json")
+    verdict = _read_json(path)
+    if verdict is None:
+        grey, _ = check_slice()
+        x = torch.from_numpy(np.ascontiguousarray(family.model_input(grey)))
+        timings = {"torch": _seconds(torch_encoder, x)}
+        failures = {}
+        for name in candidates:
+            try:
+                encoder = prepare(name, net, family, reference, decode, threads, cache, digest)
+            except BackendError as exc:
+                failures[name] = str(exc)
+                continue
+            timings[name] = _seconds(encoder, x)
+        best = min(timings, key=timings.get)
+        if best != "torch" and timings[best] > AUTO_MARGIN * timings["torch"]:
+            best = "torch"
+        verdict = {"choice": best, "seconds": {k: round(v, 4) for k, v in timings.items()}, "failed": failures}
+        _write_json(path, verdict)
+        if log is not None:
+            log(f"backend auto: {best} ({', '.join(f'{k} {v:.2f} s' for k, v in timings.items())})")
+    best = verdict.get("choice", "torch")
+    if best == "torch" or best not in candidates:
+        return "torch", torch_encoder
+    return best, prepare(best, net, family, reference, decode, threads, cache, digest)

