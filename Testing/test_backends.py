@@ -140,3 +140,19 @@ def test_litemedsam_real_weights_pass_the_guard(backend_cache, ct_array):
     report = engine._encoder.report
     assert report["passed"], report
     assert report["agreement"] >= 0.999 and report["confident_fraction"] > 0.9
+
+
+def test_command_line_backend_option_reaches_engine_load(tiny_checkpoint, backend_cache, monkeypatch):
+    from medsam_slicer.cli import build_parser
+    from medsam_slicer.engine import BACKEND_ENV
+
+    args = build_parser().parse_args(["segment", "ct.nrrd", "-o", "out.seg.nrrd", "--backend", "openvino"])
+    assert args.backend == "openvino"
+    with pytest.raises(MedSAMError, match="invalid choice"):
+        build_parser().parse_args(["segment", "ct.nrrd", "-o", "out.seg.nrrd", "--backend", "tvm"])
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert MedSAMEngine.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32").backend == "torch"
+    if backends.available("onnx"):
+        monkeypatch.setenv(BACKEND_ENV, "onnx")  # what main() sets for --backend onnx
+        engine = MedSAMEngine.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32")
+        assert engine.backend == "onnx"

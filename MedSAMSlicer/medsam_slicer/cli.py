@@ -37,6 +37,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=DEVICES, help="default: auto (CUDA, MPS, CPU)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="default: auto (bf16 on CUDA and bf16-capable CPUs, fp16 on MPS, else fp32)")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "onnx", "openvino"],
+                   help="image encoder engine on the CPU (default torch; onnx/openvino need medsam-slicer[cpu], run fp32, "
+                        "are checked against torch at first use; auto: the fastest that passes, measured once)")
     p.add_argument("--disk-cache", metavar="DIR", help="keep image embeddings in DIR across runs (or set MEDSAM_SLICER_DISK_CACHE)")
     p.add_argument("--server", metavar="URL", help="run on a remote medsam-slicer server instead of locally")
     p.add_argument("--token", help="bearer token for --server")
@@ -147,6 +150,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return EXIT_USAGE
+        if getattr(args, "backend", None):  # read by MedSAMEngine.load, wherever the command loads its model
+            import os
+
+            from .engine import BACKEND_ENV
+
+            os.environ[BACKEND_ENV] = args.backend
         if args.command == "segment":
             from .segment_command import run_segment
 

@@ -15,6 +15,7 @@ import numpy as np
 from .model import load_model, resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKEND_ENV = "MEDSAM_SLICER_BACKEND"  # the encoder backend engines loaded by name use (default torch)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -120,8 +121,9 @@ class MedSAMEngine:
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto",
-                        model: Optional[str] = None, backend: str = "torch") -> "MedSAMEngine":
-        """Loads a weights file; its family is recognised from the tensors unless `model` names it."""
+                        model: Optional[str] = None, backend: Optional[str] = None) -> "MedSAMEngine":
+        """Loads a weights file; its family is recognised from the tensors unless `model` names it.
+        backend None: $MEDSAM_SLICER_BACKEND (set by the command line's --backend), else torch."""
         import hashlib
         import os
 
@@ -129,6 +131,7 @@ class MedSAMEngine:
         net, family, arch = load_model(path, model)
         stat = os.stat(path)
         ident = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        backend = backend or os.environ.get(BACKEND_ENV, "").strip() or "torch"
         engine = cls(net, device, precision, model_id=f"{arch}:{ident}", family=family, backend=backend)
         engine.architecture = arch
         engine.checkpoint = path
@@ -137,7 +140,7 @@ class MedSAMEngine:
     @classmethod
     def load(cls, model: Optional[str] = None, checkpoint: Optional[str] = None, device: str = "auto",
              precision: str = "auto", download: bool = True, progress: bool = False,
-             progress_callback=None, backend: str = "torch") -> "MedSAMEngine":
+             progress_callback=None, backend: Optional[str] = None) -> "MedSAMEngine":
         """The engine for a registered model: `checkpoint` if given (its family recognised when
         `model` is None), else that model's own weights (DEFAULT_MODEL when both are None), found
         or downloaded and verified by its family."""
