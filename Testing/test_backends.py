@@ -156,3 +156,16 @@ def test_command_line_backend_option_reaches_engine_load(tiny_checkpoint, backen
         monkeypatch.setenv(BACKEND_ENV, "onnx")  # what main() sets for --backend onnx
         engine = MedSAMEngine.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32")
         assert engine.backend == "onnx"
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_backend_decoder_matches_torch(name, tiny_sam, backend_cache, ct_array):
+    engine = MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny", backend=name)
+    assert engine._backend_decoder is not None and engine._backend_decoder.report["passed"]
+    reference = MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny")
+    emb = reference.encode(np.clip(ct_array[15] / 8 + 100, 0, 255).astype(np.uint8))
+    boxes = np.array([[10, 20, 60, 90], [30, 30, 100, 110]], float)
+    prob, iou = engine.decode(emb, boxes, (128, 128))
+    prob_ref, iou_ref = reference.decode(emb, boxes, (128, 128))
+    assert prob.shape == prob_ref.shape == (2, 128, 128) and iou.shape == (2,)
+    assert np.abs(prob - prob_ref).max() < 1e-3 and np.abs(iou - iou_ref).max() < 1e-3

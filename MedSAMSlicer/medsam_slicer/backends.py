@@ -463,3 +463,130 @@ def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Ca
     if best == "torch" or best not in candidates:
         return "torch", torch_encoder
     return best, prepare(best, net, family, reference, decode, threads, cache, digest)
+
+
+# --------------------------------------------------------------------------------------- decoder
+
+
+def _decoder_module(net):
+    """Prompt encoder + mask decoder for ONE box without a mask prompt: (embedding (1, 256, 64, 64),
+    box (1, 1, 4) in model pixels) -> (low-res logits (1, 1, h, w), IoU estimate (1, 1))."""
+    import torch
+
+    class BoxDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.prompt_encoder = net.prompt_encoder
+            self.mask_decoder = net.mask_decoder
+
+        def forward(self, embedding, box):
+            sparse, dense = self.prompt_encoder(points=None, boxes=box, masks=None)
+            return self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
+                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                     multimask_output=False)
+
+    return BoxDecoder().eval()
+
+
+class BackendDecoder:
+    """`f(embedding torch (1, 256, 64, 64), boxes (N, 4) model pixels) -> (logits torch (N, 1, h, w),
+    iou torch (N, 1))`, one backend call per box."""
+
+    def __init__(self, name: str, session, folder: str, report: Dict):
+        self.name, self.session, self.folder, self.report = name, session, folder, report
+
+    def __call__(self, embedding, boxes_model):
+        import torch
+
+        emb = np.ascontiguousarray(embedding.detach().to("cpu", torch.float32).numpy())
+        logits, ious = [], []
+        for box in np.asarray(boxes_model, dtype=np.float32).reshape(-1, 4):
+            out = self.session([emb, box.reshape(1, 1, 4)])
+            logits.append(out[0])
+            ious.append(out[1])
+        return torch.from_numpy(np.concatenate(logits, 0)), torch.from_numpy(np.concatenate(ious, 0))
+
+
+def _session(name: str, path: str, threads: int, cache_dir: Optional[str]):
+    """A callable list of inputs -> list of outputs over ONNX Runtime or OpenVINO."""
+    if name == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        return lambda inputs: session.run(None, dict(zip(names, inputs)))
+    import openvino as ov
+
+    core = ov.Core()
+    if cache_dir:
+        core.set_property({"CACHE_DIR": cache_dir})
+    compiled = core.compile_model(core.read_model(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+
+    def run(inputs):
+        result = request.infer(inputs)
+        return [np.array(result[i], copy=True) for i in range(len(compiled.outputs))]
+
+    return run
+
+
+def prepare_decoder(name: str, net, family, threads: Optional[int] = None, cache: Optional[str] = None,
+                    embedding=None) -> BackendDecoder:
+    """The prompt encoder and mask decoder on a backend (re-prompts cost the decoder alone), exported
+    at first use, cached like the encoder and checked against torch: low-res logits on an embedding
+    (the check slice's, or random) for the check boxes agree on >= 99.9% of the confident pixels and
+    differ by <= 1e-3 of their range."""
+    import torch
+
+    if not available(name) or name not in RUNTIME_MODULE:
+        raise BackendError(f"backend {name} is not available here: pip install medsam-slicer[cpu]")
+    threads = int(threads or torch.get_num_threads())
+    module = _decoder_module(net)
+    key = _key([weights_digest(module), family.NAME, str(family.INPUT_SIZE), name, library_version(name),
+                torch.__version__, _version("onnxscript"), cpu_key(), "decoder"])
+    folder = os.path.join(cache_root(cache), f"{family.NAME}-{name}-decoder-{key}")
+    path = os.path.join(folder, "decoder.onnx")
+    verdict_path = os.path.join(folder, "verdict.json")
+    report = _read_json(verdict_path)
+    if embedding is None:
+        embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0))
+    embedding = embedding[:1].detach().to("cpu", torch.float32)
+    box = torch.tensor([[[10.0, 12.0, 40.0, 44.0]]]) * (family.INPUT_SIZE / 64.0)
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".export-", dir=folder)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(module, (embedding, box), dynamo=True, input_names=["embedding", "box"],
+                                            output_names=["logits", "iou"], optimize=True, verbose=False)
+                program.save(os.path.join(tmp, "decoder.onnx"), external_data=False)
+            os.replace(os.path.join(tmp, "decoder.onnx"), path)
+        except Exception as exc:
+            raise BackendError(f"could not export the mask decoder to ONNX ({type(exc).__name__})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        report = None
+    decoder = BackendDecoder(name, _session(name, path, threads, os.path.join(folder, "openvino-cache")), folder,
+                             report or {})
+    if report is None or not report.get("passed"):
+        boxes = np.array(CHECK_BOXES, dtype=np.float32) * (family.INPUT_SIZE / 128.0)
+        with torch.inference_mode():
+            ref_logits = torch.cat([module(embedding, torch.from_numpy(b.reshape(1, 1, 4)))[0] for b in boxes]).numpy()
+        logits = decoder(embedding, boxes)[0].numpy()
+        prob_ref, prob = 1 / (1 + np.exp(-ref_logits)), 1 / (1 + np.exp(-logits))
+        confident = (prob_ref < CONFIDENT[0]) | (prob_ref > CONFIDENT[1])
+        agreement = float(((prob > 0.5) == (prob_ref > 0.5))[confident].mean()) if confident.any() else 1.0
+        rel = float(np.abs(logits - ref_logits).max() / max(float(np.ptp(ref_logits)), 1e-12))
+        report = {"agreement": agreement, "relative_error": rel, "backend": name, "version": library_version(name),
+                  "passed": agreement >= MIN_AGREEMENT and rel <= MAX_RELATIVE_ERROR}
+        _write_json(verdict_path, report)
+        decoder.report = report
+        if not report["passed"]:
+            raise BackendError(f"backend {name}'s mask decoder failed the accuracy check against torch "
+                               f"(agreement {agreement:.4%}, error {rel:.1e}); use --backend torch")
+    return decoder

@@ -87,6 +87,7 @@ class MedSAMEngine:
 
             self._encoder = autocast_encoder
         self.backend = "torch"
+        self._backend_decoder = None  # prompt encoder + mask decoder on the backend (re-prompts), if it passed
         from .backends import check_backend
 
         backend = check_backend(backend)
@@ -118,6 +119,10 @@ class MedSAMEngine:
         self._dtype = torch.float32
         base = self.model_id.rsplit(":", 1)[0]
         self.model_id = f"{base}:fp32:{name}"
+        try:  # the decoder too when it exports and passes its check; else the torch decoder stays
+            self._backend_decoder = backends.prepare_decoder(name, self.sam, self.family)
+        except backends.BackendError:
+            self._backend_decoder = None
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto",
@@ -199,6 +204,10 @@ class MedSAMEngine:
         height, width = size
         boxes_model = self.family.boxes_to_model(boxes, height, width)
         with self._decode_lock, torch.inference_mode():
+            if self._backend_decoder is not None:
+                logits, iou = self._backend_decoder(embedding, boxes_model)
+                prob = self.family.postprocess(logits, (height, width))
+                return prob.float().cpu().numpy(), iou[:, 0].float().cpu().numpy()
             box_t = torch.as_tensor(boxes_model, dtype=torch.float, device=self.device)[:, None, :]
             sparse, dense = self.sam.prompt_encoder(points=None, boxes=box_t, masks=None)
             logits, iou = self.sam.mask_decoder(
