@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py [--model medsam|litemedsam] [--checkpoint FILE] [--device auto]
                                [--precisions fp32 bf16] [--slices 8] [--json out.json]
-                               [--batches 1 4 8 --peak-tflops 989]
+                               [--batches 1 4 8 --peak-tflops 989] [--backends onnx openvino]
 
 Without --checkpoint, medsam is a random-weight ViT-B (speed does not depend on the weights) and
 litemedsam its official weights. --batches adds encoder throughput per batch size and, with
@@ -68,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--batch-precision", default="bf16")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card, for the fraction column")
     ap.add_argument("--skip-table", action="store_true")
+    ap.add_argument("--backends", nargs="*", default=None,
+                    help="CPU encoder backends to add (onnx openvino; default: those installed; none: --backends)")
     args = ap.parse_args(argv)
 
     from medsam_slicer.bench import format_table, run_benchmark
@@ -75,7 +77,8 @@ def main(argv=None):
     out = {}
     if not args.skip_table:
         results = run_benchmark(model=args.model, checkpoint=args.checkpoint, device=args.device, precisions=args.precisions,
-                                slices=args.slices, reference=not args.no_reference, compile=args.compile)
+                                slices=args.slices, reference=not args.no_reference, compile=args.compile,
+                                backends=args.backends)
         print(format_table(results), flush=True)
         out["configs"] = results
     if args.batches:

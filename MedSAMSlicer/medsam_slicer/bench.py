@@ -6,7 +6,13 @@ propagation s/slice over `slices` consecutive slices (PrefetchingPredictor: the 
 in the background while the current one is decoded). Configurations:
 
 * ``reference-fp32``: segment-anything's encoder called as published (``sam.image_encoder(x)``),
-* ``engine-<precision>``: the engine's fast encoder (SDPA, private weights in that precision).
+* ``engine-<precision>``: the engine's fast encoder (SDPA, private weights in that precision),
+* ``onnx-fp32``, ``openvino-fp32``: the encoder and decoder exported to ONNX Runtime / OpenVINO
+  (`backends.py`; included when installed, first export and check not timed).
+
+Each row also gives the encoder's fraction of the CPU's fp32 peak (`backends.cpu_info`: threads x
+GHz x FLOP/cycle from the instruction sets; the family's ENCODER_GFLOPS per slice), and the table
+names the CPU's instruction sets.
 
 With ``checkpoint=None`` the model is a random-weight ViT-B built with segment-anything's builder:
 speed does not depend on the weights' values. Ratios are only meaningful within one run.
@@ -164,7 +170,8 @@ def _bench_config(name, engine, volume, window, slices: int, start: int, repeats
 
 def run_benchmark(checkpoint: Optional[str] = None, model: Optional[str] = None, device: str = "auto", precisions: Optional[Sequence[str]] = None,
                   slices: int = 8, json_path: Optional[str] = None, reference: bool = True, repeats: int = 2,
-                  compile: bool = False, threads: Optional[int] = None) -> List[Dict]:
+                  compile: bool = False, threads: Optional[int] = None,
+                  backends: Optional[Sequence[str]] = None) -> List[Dict]:
     """Times the reference and the engine's configurations; returns one dict per configuration.
 
     precisions: default fp32 plus the device's reduced precision (bf16 on CUDA and bf16-capable
@@ -190,11 +197,29 @@ def run_benchmark(checkpoint: Optional[str] = None, model: Optional[str] = None,
         configs.append(("reference-fp32", dict(precision="fp32", fast=False)))
     for p in precisions:
         configs.append((f"engine-{p}" + ("-compiled" if compile else ""), dict(precision=p, fast=True, compile=compile)))
+    from . import backends as cpu_backends
+
+    if backends is None:
+        backends = [b for b in cpu_backends.available_backends() if b != "torch"] if device == "cpu" else []
+    for b in backends:
+        configs.append((f"{b}-fp32", dict(precision="fp32", fast=True, backend=b)))
+    info = cpu_backends.cpu_info(torch.get_num_threads())
     results = []
     for name, options in configs:
-        engine = MedSAMEngine(sam, device, model_id="bench", family=family, **options)
+        try:
+            engine = MedSAMEngine(sam, device, model_id="bench", family=family, **options)
+        except cpu_backends.BackendError as exc:
+            results.append({"config": name, "device": device, "error": str(exc)})
+            continue
         res = _bench_config(name, engine, volume, window, slices, start, repeats)
-        res.update(model=label, cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__)
+        res.update(model=label, cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
+                   isa=" ".join(info["isa"]), peak_gflops=info["peak_gflops"], peak_estimate=(
+                       f"{info['cores']} threads x {info['ghz']} GHz ({info['ghz_source']}) x "
+                       f"{info['flop_per_cycle']} FLOP/cycle"))
+        if device == "cpu" and info["peak_gflops"]:
+            gflops_per_s = float(family.ENCODER_GFLOPS) / res["encoder_s_per_slice"]
+            res["fraction_of_peak"] = round(gflops_per_s / info["peak_gflops"], 2)
+        res["backend"] = engine.backend
         if device.startswith("cuda"):
             res["gpu"] = torch.cuda.get_device_name()
         results.append(res)
@@ -203,7 +228,8 @@ def run_benchmark(checkpoint: Optional[str] = None, model: Optional[str] = None,
     if ref is not None:
         for r in results:
             for key in ("encoder_s_per_slice", "first_mask_s", "propagation_s_per_slice"):
-                r[key.split("_")[0] + "_speedup"] = round(ref[key] / r[key], 2) if r[key] else None
+                if key in r:
+                    r[key.split("_")[0] + "_speedup"] = round(ref[key] / r[key], 2) if r[key] else None
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=2)
@@ -214,6 +240,7 @@ COLUMNS = [
     ("config", "config"), ("encoder_s_per_slice", "encoder s/slice"), ("decoder_ms_per_box", "decoder ms/box"),
     ("first_mask_s", "first mask s"), ("reprompt_ms", "re-prompt ms"), ("propagation_s_per_slice", "propag. s/slice"),
     ("encoder_speedup", "enc x"), ("first_speedup", "first x"), ("propagation_speedup", "propag. x"),
+    ("fraction_of_peak", "of fp32 peak"),
     ("peak_rss_mb", "peak RSS MB"), ("cuda_max_allocated_mb", "CUDA MB"),
 ]
 
@@ -224,8 +251,12 @@ def format_table(results: List[Dict]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (_, h) in enumerate(cols)]
     lines = [" | ".join(h.ljust(w) for (_, h), w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
-    if results:
-        r = results[0]
+    lines += [f"{r['config']}: {r['error']}" for r in results if "error" in r]
+    timed = [r for r in results if "error" not in r]
+    if timed:
+        r = timed[0]
         extra = f"; GPU {r['gpu']}" if "gpu" in r else ""
         lines.append(f"model: {r['model']}; device {r['device']}; CPU {r['cpu']}, {r['threads']} threads; torch {r['torch']}{extra}")
+        lines.append(f"CPU instruction sets: {r.get('isa') or 'none of avx2/avx512f/avx512_bf16/amx'}; fp32 peak "
+                     f"~{r.get('peak_gflops')} GFLOP/s = {r.get('peak_estimate')} (an estimate)")
     return "\n".join(lines)
