@@ -153,7 +153,7 @@ def test_command_line_backend_option_reaches_engine_load(tiny_checkpoint, backen
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     assert MedSAMEngine.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32").backend == "torch"
     if backends.available("onnx"):
-        monkeypatch.setenv(BACKEND_ENV, "onnx")  # what main() sets for --backend onnx
+        monkeypatch.setenv(BACKEND_ENV, "onnx")  # a user's environment override
         engine = MedSAMEngine.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32")
         assert engine.backend == "onnx"
 

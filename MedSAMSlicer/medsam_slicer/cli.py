@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--max-area-ratio", type=float, help="stop rule: area jumping/collapsing by more than this factor")
     seg.add_argument("--min-score", type=float, help="stop rule: model quality score below this ends growth")
     seg.add_argument("--no-centroid-check", action="store_true", help="stop rule off: mask centroid leaving the previous box")
+    seg.add_argument("--min-appearance", type=float, metavar="F",
+                     help="stop rule: share of the new mask's pixels inside the seed's intensity range below F "
+                          "ends growth (default 0.5; 0 switches it off)")
     seg.add_argument("--no-largest-component", action="store_true", help="keep every 3D component, not only the largest")
     seg.add_argument("--fill-holes", action="store_true", help="fill holes slice by slice")
     seg.add_argument("--probabilities", metavar="FILE", help="also write the foreground probability (float32)")
@@ -150,12 +153,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return EXIT_USAGE
-        if getattr(args, "backend", None):  # read by MedSAMEngine.load, wherever the command loads its model
-            import os
-
-            from .engine import BACKEND_ENV
-
-            os.environ[BACKEND_ENV] = args.backend
         if args.command == "segment":
             from .segment_command import run_segment
 

@@ -31,7 +31,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_demo(args) -> int:
-    from .segment_command import ProgressBar, open_session
+    from .segment_command import Job, ProgressBar, open_session
+    from .window_choice import window_for_job
     from .volume_io import read_segmentation_masks, read_volume, write_output
     from .windowing import choose_window
 
@@ -49,13 +50,14 @@ def run_demo(args) -> int:
     seed = int(slices[len(slices) // 2])
     box = mask_bbox(expert[seed])
     window = choose_window(volume.array)
-    print(f"CT {os.path.basename(ct_path)} {volume.shape_kji[::-1]} (i, j, k), window {window.name}; "
-          f"box {box} on slice k={seed}")
+    print(f"CT {os.path.basename(ct_path)} {volume.shape_kji[::-1]} (i, j, k); box {box} on slice k={seed}")
 
     session = open_session(args, volume.array, window)
     model = getattr(getattr(session, "engine", None), "family", None)
     if model is not None:
         print(f"model {model.TITLE} on {session.engine.device} ({session.engine.precision})")
+    window = window_for_job(session, volume.array, "k", Job(STRUCTURE, "propagate", tuple(box), seed, seed), window,
+                            quiet=False)
     bar = ProgressBar(STRUCTURE, args.quiet)
     try:
         result = session.propagate("k", seed, seed_box=box, direction="both", progress=bar)

