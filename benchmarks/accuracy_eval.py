@@ -396,7 +396,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--structures", help="comma-separated names (default: every segment)")
-    parser.add_argument("--window", default="auto", help="auto, a preset name, or W,L (default auto)")
+    parser.add_argument("--window", default="auto",
+                        help="auto (choose_window), model (picked per structure by the model's score, as segment "
+                             "does), a preset name, or W,L (default auto)")
     parser.add_argument("--key-every", type=int, default=5, help="mode c: a key slice every N slices (default 5)")
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "accuracy-eval"))
     parser.add_argument("--window-sweep", action="store_true", help="also 2D Dice per window preset")
@@ -419,14 +421,25 @@ def main(argv=None) -> int:
 
     engine = load_engine(args.model, args.checkpoint, args.device, args.precision)
     cache = EmbeddingCache(2 << 30, disk_dir=args.cache_dir)
-    window = parse_window(args.window, volume.array)
+    by_model = args.window == "model"  # the product's automatic CT window, picked per structure (window_choice)
+    window = parse_window("auto" if by_model else args.window, volume.array)
     predictor = SlicePredictor(engine, volume.array, window, "k", cache)
     print(f"model {args.model}, window {window.name} [{window.low:g}, {window.high:g}], CT {volume.shape_kji} "
           f"spacing {spacing_kji} mm (k, j, i)\n")
 
     rows = []
     for name, truth in chosen.items():
+        if by_model:
+            from medsam_slicer.session import LocalSession
+            from medsam_slicer.window_choice import pick_window
+
+            mid = median_slice(truth)
+            session = LocalSession(engine, volume.array, window, cache=cache)
+            picked, _ = pick_window(session, "k", mid, mask_bbox(truth[mid]))
+            predictor = SlicePredictor(engine, volume.array, picked, "k", cache)
+            print(f"  {name}: window {picked.name} picked by the model on slice {mid}", file=sys.stderr)
         row = evaluate(predictor, name, truth, spacing_kji, args.model, args.key_every)
+        row["window"] = predictor.window.name
         row["notes"] = structure_notes(name, truth, truths)
         rows.append(row)
         print(f"  {name}: 2D {row['dice2d_mean']:.3f}, a {row['dice_a']:.3f}, b {row['dice_b']:.3f}, "
