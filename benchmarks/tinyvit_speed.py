@@ -22,16 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
+    from medsam_slicer.bench import cpu_model
 
-    return platform.processor() or "unknown CPU"
+    return cpu_model()
 
 
 def cpu_flags():

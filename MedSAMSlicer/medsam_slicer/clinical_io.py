@@ -71,22 +71,13 @@ def require_dicom_input(input_path: str, fmt: str) -> None:
 
 def check_output(path: str, input_path: str, fmt: Optional[str] = None, overwrite: bool = False) -> str:
     """Validates an output path (and, for clinical formats, the input) before any work; returns its format."""
-    from .volume_io import check_output_path
+    from .volume_io import check_output_path, check_writable_target
 
     kind = output_format(path, fmt)
     if kind not in CLINICAL_FORMATS:
         return check_output_path(path, overwrite)
     require_dicom_input(input_path, kind)
-    path = os.path.expanduser(str(path))
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"output folder does not exist: '{folder}'")
-    if os.path.isdir(path):
-        raise InputError(f"output '{path}' is a folder")
-    if os.path.exists(path) and not overwrite:
-        raise InputError(f"output '{path}' already exists (use --force to overwrite it)")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"output folder is not writable: '{folder}'")
+    check_writable_target(path, overwrite)
     return kind
 
 

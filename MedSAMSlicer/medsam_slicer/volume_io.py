@@ -187,8 +187,15 @@ def output_kind(path: str) -> str:
 
 def check_output_path(path: str, overwrite: bool = False) -> str:
     """Validates an output path before any work is done; returns its kind (see output_kind)."""
+    kind = output_kind(os.path.expanduser(str(path)))
+    check_writable_target(path, overwrite)
+    return kind
+
+
+def check_writable_target(path: str, overwrite: bool = False) -> None:
+    """The output's folder exists and is writable, the path is no folder, and no file is replaced
+    without `overwrite`: one-line InputErrors, before any work is done."""
     path = os.path.expanduser(str(path))
-    kind = output_kind(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"output folder does not exist: '{folder}'")
@@ -198,7 +205,6 @@ def check_output_path(path: str, overwrite: bool = False) -> str:
         raise InputError(f"output '{path}' already exists (use --force to overwrite it)")
     if not os.access(folder, os.W_OK):
         raise InputError(f"output folder is not writable: '{folder}'")
-    return kind
 
 
 def _atomic_write(path: str, overwrite: bool, write) -> None:
