@@ -17,10 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-# The engine's own lists (numpy-only modules, cheap at Slicer start-up): one definition each.
-from medsam_slicer.engine import PRECISIONS
-from medsam_slicer.model import DEVICES
-
 ENGINE_MODES = ("local", "remote")
 
 # import name -> pip requirement. torch is installed through the PyTorch extension when present.
