@@ -126,11 +126,10 @@ class PropagationResult:
 
 
 def default_margin(slice_shape: Sequence[int]) -> Tuple[int, int]:
-    """DEFAULT_MARGIN_1024 in slice pixels, (x margin, y margin)."""
-    h, w = int(slice_shape[0]), int(slice_shape[1])
-    mx = max(1, int(math.ceil(DEFAULT_MARGIN_1024 * w / 1024.0 - 1e-9)))
-    my = max(1, int(math.ceil(DEFAULT_MARGIN_1024 * h / 1024.0 - 1e-9)))
-    return mx, my
+    """DEFAULT_MARGIN_1024 in slice pixels, (x margin, y margin), as MedSAM ViT-B scales margins."""
+    from .models.medsam import margin_pixels
+
+    return margin_pixels(DEFAULT_MARGIN_1024, slice_shape)
 
 
 def _margin(margin, slice_shape) -> Tuple[int, int]:
