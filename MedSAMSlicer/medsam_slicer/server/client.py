@@ -72,6 +72,15 @@ class Timeouts:
 
 
 _BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
+_MAX_RETRY_AFTER_S = 5.0  # a server's Retry-After is honoured up to this, so a prompt never hangs long
+
+
+def _retry_delay(response, attempt: int) -> float:
+    """Seconds before retrying: the server's Retry-After (capped) if it sent one, else the backoff."""
+    try:
+        return min(_MAX_RETRY_AFTER_S, max(0.0, float(response.headers.get("Retry-After", ""))))
+    except ValueError:
+        return _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
 
 
 def _jsonable(value):
@@ -172,9 +181,9 @@ class RemoteEngine:
                                         "and is the SSH tunnel open?") from None
             except requests.exceptions.RequestException as exc:
                 raise RemoteError(f"request to the MedSAM server at {self.url} failed: {type(exc).__name__}") from None
-            if response.status_code in (502, 504) and idempotent and not last:
+            if response.status_code in (502, 503, 504) and idempotent and not last:
                 response.close()
-                time.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
+                time.sleep(_retry_delay(response, attempt))
                 continue
             if response.status_code >= 400:
                 self._raise_for(response)

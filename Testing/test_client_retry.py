@@ -1,0 +1,60 @@
+"""The client retries an idempotent call the server answers 503 (busy), after the server's Retry-After."""
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from medsam_slicer.server.client import RemoteEngine, ServerBusy
+
+
+def _server(answers):
+    """A loopback HTTP server answering GET /v1/health with the statuses in `answers`, then 200."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            seen.append(time.monotonic())
+            status = answers.pop(0) if answers else 200
+            body = json.dumps({"status": "ok"} if status == 200 else {"error": "busy", "message": "server full"}).encode()
+            self.send_response(status)
+            if status == 503:
+                self.send_header("Retry-After", "0.2")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+def test_a_busy_server_is_retried_after_its_retry_after():
+    server, seen = _server([503, 503])
+    try:
+        engine = RemoteEngine(f"http://127.0.0.1:{server.server_address[1]}", retries=3, check_version=False)
+        assert engine.health() == {"status": "ok"}
+        assert len(seen) == 3 and seen[1] - seen[0] >= 0.19 and seen[2] - seen[1] >= 0.19
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_that_stays_busy_gives_one_line():
+    server, seen = _server([503] * 10)
+    try:
+        engine = RemoteEngine(f"http://127.0.0.1:{server.server_address[1]}", retries=2, check_version=False)
+        with pytest.raises(ServerBusy) as err:
+            engine.health()
+        assert "\n" not in str(err.value) and "busy" in str(err.value)
+        assert len(seen) == 3
+    finally:
+        server.shutdown()
+        server.server_close()
