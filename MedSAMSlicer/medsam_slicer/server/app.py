@@ -4,7 +4,8 @@ This file is the app factory and its routes, kept thin: request schemas are in `
 sessions, jobs and models in `state.py`, streamed jobs in `jobs.py`, HTTP helpers and
 authentication in `httputil.py`, the `serve` command in `serve.py`.
 
-Endpoints are under /v1 and documented by the OpenAPI schema (/openapi.json, /docs). Volumes and
+Endpoints are under /v1 and documented by the OpenAPI schema (/openapi.json; no /docs page, which
+would load scripts from a CDN). Volumes and
 masks travel as described in `protocol.py` (zlib-compressed raw bytes in JSON, never pickled).
 Every model call runs on the scheduler's single worker thread (`scheduler.py`).
 
@@ -68,6 +69,10 @@ def create_app(engines, tokens: Optional[List[str]] = None, cache_mb: Optional[f
 
     app = FastAPI(
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc pages load their scripts from a CDN: a server that may hold
+        # patient data serves its schema only (/openapi.json), which any viewer can open offline.
+        docs_url=None,
+        redoc_url=None,
         title="MedSAM Slicer server",
         version=__version__,
         description="MedSAM and LiteMedSAM with box prompts, for 3D Slicer. A session names its model "

@@ -1,4 +1,5 @@
-"""The client retries an idempotent call the server answers 503 (busy), after the server's Retry-After."""
+"""How the server is reached: the client retries a busy (503) server after its Retry-After; the server offers
+its OpenAPI schema but no CDN-loaded docs page."""
 from __future__ import annotations
 
 import http.server
@@ -58,3 +59,14 @@ def test_a_server_that_stays_busy_gives_one_line():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_server_serves_its_schema_but_no_cdn_page(tiny_engine):
+    """FastAPI's /docs and /redoc load scripts from a CDN: the server offers only /openapi.json."""
+    from fastapi.testclient import TestClient
+
+    from medsam_slicer.server.app import create_app
+
+    with TestClient(create_app(tiny_engine)) as client:
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
