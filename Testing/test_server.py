@@ -475,6 +475,7 @@ def guarded(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("guarded")
     token_file = folder / "tokens.txt"
     token_file.write_text(f"# two users\n{TOKEN_A}\n\n{TOKEN_B}\n")
+    token_file.chmod(0o600)
     srv = ServerProcess(tiny_checkpoint, folder, token_file=str(token_file), max_sessions=3,
                         max_request_mb=1, idle_timeout_s=2.0, token_share=1.0).start()  # one user may fill it
     yield srv

@@ -70,3 +70,19 @@ def test_the_server_serves_its_schema_but_no_cdn_page(tiny_engine):
     with TestClient(create_app(tiny_engine)) as client:
         assert client.get("/openapi.json").status_code == 200
         assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+
+
+def test_token_files_must_be_private_and_a_byte_order_mark_is_not_a_token(tmp_path):
+    import os
+
+    from medsam_slicer.errors import InputError
+    from medsam_slicer.server.serve import load_tokens
+
+    token = "a" * 40
+    path = tmp_path / "tokens.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + token.encode() + b"\n")
+    os.chmod(path, 0o644)
+    with pytest.raises(InputError, match="chmod 600"):
+        load_tokens(token_file=str(path))
+    os.chmod(path, 0o600)
+    assert load_tokens(token_file=str(path)) == [token]

@@ -32,17 +32,18 @@ def load_tokens(token: Optional[str] = None, token_file: Optional[str] = None) -
         tokens = [token.strip()]
     elif token_file is not None:
         try:
-            with open(token_file, encoding="utf-8") as f:
+            with open(token_file, encoding="utf-8-sig") as f:  # an editor's byte-order mark is not a token
                 tokens = [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
         except OSError as exc:
             raise InputError(f"cannot read the token file {token_file}: {exc.strerror or exc}") from None
         if not tokens:
             raise InputError(f"the token file {token_file} holds no token")
         try:
-            if os.stat(token_file).st_mode & 0o077:
-                log.warning("the token file %s is readable by other users: chmod 600 it", token_file)
+            shared = os.name == "posix" and bool(os.stat(token_file).st_mode & 0o077)
         except OSError:
-            pass
+            shared = False
+        if shared:  # every local user could read every user's token
+            raise InputError(f"the token file {token_file} is readable by other users: run chmod 600 {token_file}")
     for t in tokens:
         if len(t) < MIN_TOKEN_LENGTH or re.search(r"\s", t):
             raise InputError(
