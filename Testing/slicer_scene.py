@@ -20,3 +20,16 @@ def read_volume_node(scene, path: str):
     storage.SetFileName(path)
     assert storage.ReadData(node), f"Slicer could not read {path}"
     return node
+
+
+def editor_logic(scene, editor_node, segmentation_node, volume_node, segment_id: str):
+    """Segment Editor logic over `editor_node` (added to the scene) editing `segment_id` of
+    `segmentation_node` with `volume_node` as source, as the editor widget wires it."""
+    scene.AddNode(editor_node)
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(editor_node)
+    editor_node.SetAndObserveSegmentationNode(segmentation_node)
+    editor_node.SetAndObserveSourceVolumeNode(volume_node)
+    editor_node.SetSelectedSegmentID(segment_id)
+    return logic

@@ -470,12 +470,18 @@ def test_malformed_requests_get_4xx(server):
 # tokens, tenancy, limits
 
 
+def private_token_file(folder, text: str):
+    """tokens.txt in `folder`, readable by its owner only (serve refuses anything else)."""
+    path = folder / "tokens.txt"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 @pytest.fixture(scope="module")
 def guarded(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("guarded")
-    token_file = folder / "tokens.txt"
-    token_file.write_text(f"# two users\n{TOKEN_A}\n\n{TOKEN_B}\n")
-    token_file.chmod(0o600)
+    token_file = private_token_file(folder, f"# two users\n{TOKEN_A}\n\n{TOKEN_B}\n")
     srv = ServerProcess(tiny_checkpoint, folder, token_file=str(token_file), max_sessions=3,
                         max_request_mb=1, idle_timeout_s=2.0, token_share=1.0).start()  # one user may fill it
     yield srv
@@ -841,9 +847,7 @@ TOKEN_C = "token-c-0123456789abcdef"
 def budgeted(tiny_checkpoint, tmp_path_factory):
     """4 MiB of memory: 1 for embeddings, 3 for volumes, 1.5 (and 2 sessions) per user."""
     folder = tmp_path_factory.mktemp("budgeted")
-    token_file = folder / "tokens.txt"
-    token_file.write_text(f"{TOKEN_A}\n{TOKEN_B}\n{TOKEN_C}\n")
-    token_file.chmod(0o600)
+    token_file = private_token_file(folder, f"{TOKEN_A}\n{TOKEN_B}\n{TOKEN_C}\n")
     srv = ServerProcess(tiny_checkpoint, folder, token_file=str(token_file), max_sessions=4,
                         memory_gb=4 / 1024).start()
     yield srv

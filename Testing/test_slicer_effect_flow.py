@@ -27,7 +27,7 @@ if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "MedSAMSlicer"))
 from MedSAMSlicerLib import actions, engines, geometry, intensity, jobs, worker, writing  # noqa: E402
 from oracles import Oracle  # noqa: E402
-from slicer_scene import read_volume_node, register_converter_rules  # noqa: E402
+from slicer_scene import editor_logic, read_volume_node, register_converter_rules  # noqa: E402
 
 from medsam_slicer.slicing import get_slice  # noqa: E402
 
@@ -198,13 +198,7 @@ class Editor:
         self.seg.GetSegmentation().AddEmptySegment("s", "s")
         self.seg.GetSegmentation().AddEmptySegment("t", "t")
         self.node = slicer.vtkMRMLSegmentEditorNode()
-        self.scene.AddNode(self.node)
-        self.logic = slicer.vtkSlicerSegmentEditorLogic()
-        self.logic.SetMRMLScene(self.scene)
-        self.logic.SetSegmentEditorNode(self.node)
-        self.node.SetAndObserveSegmentationNode(self.seg)
-        self.node.SetAndObserveSourceVolumeNode(self.volume)
-        self.node.SetSelectedSegmentID("s")
+        self.logic = editor_logic(self.scene, self.node, self.seg, self.volume, "s")
         assert self.logic.UpdateAlignedSourceVolume()
         self.path = path
         self._provider = provider

@@ -17,7 +17,7 @@ if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "MedSAMSlicer"))
 from MedSAMSlicerLib import writing  # noqa: E402
-from slicer_scene import register_converter_rules  # noqa: E402
+from slicer_scene import editor_logic, register_converter_rules  # noqa: E402
 
 SIZE_IJK = (24, 20, 16)
 SEG = slicer.vtkMRMLSegmentationNode
@@ -70,13 +70,7 @@ class Editor:
         self.seg.GetDisplayNode().SetSegmentVisibility("other2", False)
 
         self.node = ED()
-        self.scene.AddNode(self.node)
-        self.logic = slicer.vtkSlicerSegmentEditorLogic()
-        self.logic.SetMRMLScene(self.scene)
-        self.logic.SetSegmentEditorNode(self.node)
-        self.node.SetAndObserveSegmentationNode(self.seg)
-        self.node.SetAndObserveSourceVolumeNode(self.volume)
-        self.node.SetSelectedSegmentID("target")
+        self.logic = editor_logic(self.scene, self.node, self.seg, self.volume, "target")
         self.node.SetOverwriteMode(ED.OverwriteNone)
         self.node.SetMaskMode(SEG.EditAllowedEverywhere)
         assert self.logic.UpdateAlignedSourceVolume()
