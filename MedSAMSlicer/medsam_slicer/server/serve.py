@@ -18,7 +18,6 @@ from ..errors import InputError
 from .app import create_app
 from .protocol import API_PREFIX
 
-log = logging.getLogger("medsam_slicer.server")
 
 MIN_TOKEN_LENGTH = 16
 
