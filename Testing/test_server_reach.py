@@ -67,7 +67,7 @@ def test_the_server_serves_its_schema_but_no_cdn_page(tiny_engine):
 
     from medsam_slicer.server.app import create_app
 
-    with TestClient(create_app(tiny_engine)) as client:
+    with TestClient(create_app(tiny_engine), base_url="http://127.0.0.1") as client:
         assert client.get("/openapi.json").status_code == 200
         assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
 
@@ -85,4 +85,4 @@ def test_token_files_must_be_private_and_a_byte_order_mark_is_not_a_token(tmp_pa
     with pytest.raises(InputError, match="chmod 600"):
         load_tokens(token_file=str(path))
     os.chmod(path, 0o600)
-    assert load_tokens(token_file=str(path)) == [token]
+    assert load_tokens(token_file=str(path)) == [("token1", token)]

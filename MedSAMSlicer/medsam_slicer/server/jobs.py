@@ -1,9 +1,14 @@
 """Streamed 3D jobs: each route's request checked and turned into work for a job thread, and the
 NDJSON stream that reports the job slice by slice.
 
-`start(state, session, route, request)` validates everything it can before any model work (a bad
-argument is a 4xx, never a 200 followed by an error line), starts the job thread and returns the
+`start(state, session, route, request, bulk)` validates everything it can before any model work (a
+bad argument is a 4xx, never a 200 followed by an error line), starts the job thread and returns the
 streamed reply. The job's model work runs on the scheduler's worker like every other request.
+
+Memory: a job's masks count against the server's budget while it runs. Before any mask is
+decoded, the job reserves what its masks will take by their declared shape: each slice the request
+sends a mask for (one full slice each, whatever its crop), and one mask per slice of the volume for
+its result; too much is a 413/429/507 before anything is allocated.
 """
 from __future__ import annotations
 
@@ -26,17 +31,28 @@ from .schemas import Number, job_kwargs
 log = logging.getLogger("medsam_slicer.server")
 
 Work = Callable[..., Any]  # work(predictor, progress, cancel) -> PropagationResult
+Reserve = Callable[[int], None]  # reserve(nbytes): charges the job's masks to the memory budget
+
+
+def _slice_bytes(session, axis: str) -> int:
+    h, w = slice_shape(session.volume.shape, axis)
+    return int(h) * int(w)  # one bool mask of the slice
+
+
+def _result_bytes(session, axis: str) -> int:
+    return slice_count(session.volume.shape, axis) * _slice_bytes(session, axis)
 
 
 # ----------------------------------------------------------------------------------------------
 # requests -> work (each returns the work and the masks the client already has, by slice)
 
 
-def _propagate(session, req) -> Tuple[Work, Dict[int, np.ndarray]]:
+def _propagate(session, req, bulk, reserve: Reserve) -> Tuple[Work, Dict[int, np.ndarray]]:
     size = slice_shape(session.volume.shape, req.axis)
     check_index(req.seed_index, slice_count(session.volume.shape, req.axis), req.axis, "seed slice")
     if req.seed_box is not None:
         check_box(req.seed_box, size, "seed box")
+    reserve(_result_bytes(session, req.axis) + (_slice_bytes(session, req.axis) if req.seed_mask else 0))
     seed_mask = decode_mask(req.seed_mask.model_dump(), size, what="seed mask") if req.seed_mask else None
     kw = job_kwargs("propagate", req)
     run = job_function("propagate")
@@ -48,12 +64,13 @@ def _propagate(session, req) -> Tuple[Work, Dict[int, np.ndarray]]:
     return work, {}
 
 
-def _box3d(session, req) -> Tuple[Work, Dict[int, np.ndarray]]:
+def _box3d(session, req, bulk, reserve: Reserve) -> Tuple[Work, Dict[int, np.ndarray]]:
     size = slice_shape(session.volume.shape, req.axis)
     n = slice_count(session.volume.shape, req.axis)
     check_box(req.box, size)
     check_index(req.first, n, req.axis, "first slice")
     check_index(req.last, n, req.axis, "last slice")
+    reserve(_result_bytes(session, req.axis))
     kw = job_kwargs("box3d", req)
     run = job_function("box3d")
 
@@ -63,7 +80,7 @@ def _box3d(session, req) -> Tuple[Work, Dict[int, np.ndarray]]:
     return work, {}
 
 
-def _key_slices(session, req) -> Tuple[Work, Dict[int, np.ndarray]]:
+def _key_slices(session, req, bulk, reserve: Reserve) -> Tuple[Work, Dict[int, np.ndarray]]:
     size = slice_shape(session.volume.shape, req.axis)
     n = slice_count(session.volume.shape, req.axis)
     boxes: Dict[int, List[Number]] = {}
@@ -73,6 +90,7 @@ def _key_slices(session, req) -> Tuple[Work, Dict[int, np.ndarray]]:
         if kb.index in boxes:
             raise InputError(f"key slice {kb.index} is given twice")
         boxes[kb.index] = kb.box
+    reserve(_result_bytes(session, req.axis))
     kw = job_kwargs("key-slices", req)
     run = job_function("key-slices")
 
@@ -82,15 +100,18 @@ def _key_slices(session, req) -> Tuple[Work, Dict[int, np.ndarray]]:
     return work, {}
 
 
-def _repropagate(session, req) -> Tuple[Work, Dict[int, np.ndarray]]:
+def _repropagate(session, req, bulk, reserve: Reserve) -> Tuple[Work, Dict[int, np.ndarray]]:
+    from .bodies import MaskBundle
+
     size = slice_shape(session.volume.shape, req.axis)
     n = slice_count(session.volume.shape, req.axis)
-    masks: Dict[int, np.ndarray] = {}
-    for item in req.masks:
-        check_index(item.index, n, req.axis, "mask of slice")
-        masks[item.index] = decode_mask(item.mask.model_dump(), size, what=f"mask of slice {item.index}")
+    sent = bulk.masks if bulk is not None and bulk.masks is not None else MaskBundle.from_items(req.masks)
+    slices = sent.check_indices(n, req.axis)
     check_index(req.corrected_index, n, req.axis, "corrected slice")
     check_index(req.seed_index, n, req.axis, "seed slice")
+    # the masks sent (one per slice they cover), the corrected one, and the result
+    reserve((slices + 1) * _slice_bytes(session, req.axis) + _result_bytes(session, req.axis))
+    masks = sent.decode(size)
     corrected = decode_mask(req.corrected_mask.model_dump(), size, what="corrected mask")
     kw = job_kwargs("repropagate", req)
     run = job_function("repropagate")
@@ -132,10 +153,12 @@ def _reached(*args):
     raise _Reached()
 
 
-def check(session, route: str, req) -> Tuple[Work, Dict[int, np.ndarray]]:
+def check(session, route: str, req, bulk=None, reserve: Reserve = lambda nbytes: None
+          ) -> Tuple[Work, Dict[int, np.ndarray]]:
     """Every check of the request, the propagation function's own included (by a dry run that stops
-    at its first model call), so a bad argument is refused before the stream starts."""
-    work, base = PREPARE[route](session, req)
+    at its first model call), so a bad argument is refused before the stream starts. `reserve` is
+    called with the bytes of the job's masks before any of them is decoded."""
+    work, base = PREPARE[route](session, req, bulk, reserve)
     try:
         work(_Probe(session, req.axis), _reached, None)
     except _Reached:
@@ -143,17 +166,32 @@ def check(session, route: str, req) -> Tuple[Work, Dict[int, np.ndarray]]:
     return work, base
 
 
-async def start(state, session, route: str, req):
+async def start(state, session, route: str, req, bulk=None):
     """Checks `req` for `route` off the event loop (decoding masks is CPU work; at most
-    CHECK_THREADS at a time), then runs its job and returns the streamed reply."""
+    CHECK_THREADS at a time) with its masks charged to the memory budget, then runs its job
+    (which holds that memory until it ends) and returns the streamed reply."""
     import anyio
 
-    work, base = await anyio.to_thread.run_sync(check, session, route, req, limiter=_limiter())
-    return await run_stream(state, session, req.job_id, req.axis, base, work)
+    held = [0]
+
+    def reserve(nbytes: int) -> None:
+        held[0] += state.memory.reserve(session.owner, nbytes, "this job's masks")
+
+    try:
+        work, base = await anyio.to_thread.run_sync(check, session, route, req, bulk, reserve, limiter=_limiter())
+    except BaseException:
+        state.memory.release(session.owner, held[0])
+        raise
+    return await run_stream(state, session, req.job_id, req.axis, base, work, held[0])
 
 
 CHECK_THREADS = 2
 _LIMITER = None
+
+
+def check_limiter():
+    """The limiter of threads checking and decoding request data (CHECK_THREADS at a time)."""
+    return _limiter()
 
 
 def _limiter():
@@ -173,9 +211,11 @@ def _line(obj) -> bytes:
     return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
 
-async def run_stream(state, session, job_id, axis: str, base: Dict[int, np.ndarray], work: Work):
-    """Runs `work(predictor, progress, cancel)` on a job thread and streams its slices as NDJSON."""
-    job = state.add_job(session, job_id)
+async def run_stream(state, session, job_id, axis: str, base: Dict[int, np.ndarray], work: Work,
+                     reserved: int = 0):
+    """Runs `work(predictor, progress, cancel)` on a job thread and streams its slices as NDJSON;
+    the job holds `reserved` bytes of the memory budget until it ends."""
+    job = state.add_job(session, job_id, reserved)
     try:
         pred = session.predictor(state, axis, job)
     except BaseException:
@@ -191,22 +231,21 @@ async def run_stream(state, session, job_id, axis: str, base: Dict[int, np.ndarr
             job.cancel.set()
 
     def body() -> None:
-        streamed: Dict[int, np.ndarray] = {}
+        streamed: Dict[int, Dict[str, Any]] = {}  # what was sent per slice (compressed, not a mask copy)
 
         def progress(index, mask, done, total):
-            mask = np.array(mask, dtype=bool, copy=True)
-            streamed[int(index)] = mask
+            encoded = encode_mask(np.asarray(mask, dtype=bool), base.get(int(index)))
+            streamed[int(index)] = encoded
             session.touch()
-            emit({"type": "slice", "index": int(index), "done": int(done), "total": int(total),
-                  "mask": encode_mask(mask, base.get(int(index)))})
+            emit({"type": "slice", "index": int(index), "done": int(done), "total": int(total), "mask": encoded})
 
         try:
             result = work(pred, progress, job.cancel)
             for index, mask in result.masks.items():
-                mask = np.asarray(mask, dtype=bool)
-                if int(index) in streamed and np.array_equal(streamed[int(index)], mask):
+                encoded = encode_mask(np.asarray(mask, dtype=bool), base.get(int(index)))
+                if streamed.get(int(index)) == encoded:  # the same crop of the same mask
                     continue
-                emit({"type": "mask", "index": int(index), "mask": encode_mask(mask, base.get(int(index)))})
+                emit({"type": "mask", "index": int(index), "mask": encoded})
             emit({"type": "done", "indices": [int(i) for i in result.masks],
                   "stop_reasons": {str(k): str(v) for k, v in result.stop_reasons.items()},
                   "cancelled": bool(result.cancelled)})

@@ -219,11 +219,23 @@ def check_array(payload: Dict[str, Any], max_bytes: int, what: str = "volume", n
 
 
 def decode_array(payload: Dict[str, Any], max_bytes: int, what: str = "volume", ndim: Sequence[int] = (3,)) -> np.ndarray:
+    check_array(payload, max_bytes, what, ndim)
+    return inflate_array(payload, _b64decode(payload.get("data"), what), max_bytes, what, ndim)
+
+
+def inflate_array(payload: Dict[str, Any], blob: bytes, max_bytes: int, what: str = "volume",
+                  ndim: Sequence[int] = (3,)) -> np.ndarray:
+    """The array of a payload whose base64 `data` was already decoded into `blob` (zlib bytes)."""
     expected = check_array(payload, max_bytes, what, ndim)
     shape = [int(n) for n in payload["shape"]]
     dtype = np.dtype(payload["dtype"]).newbyteorder("<")
-    raw = _inflate(_b64decode(payload.get("data"), what), expected, what)
+    raw = _inflate(blob, expected, what)
     return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def b64decode(text: str, what: str) -> bytes:
+    """base64 `data` of an array or mask payload as bytes (WireError when it is not base64)."""
+    return _b64decode(text, what)
 
 
 EMPTY_CROP = {"offset": [0, 0], "shape": [0, 0], "data": ""}
@@ -260,9 +272,18 @@ def decode_mask(payload: Dict[str, Any], size: Tuple[int, int], base: Optional[n
         raise WireError(f"{what}: needs offset [row, col] and shape [h, w]") from None
     if h == 0 or w == 0:
         return out
+    return paste_crop(out, (r0, c0, h, w), _b64decode(payload.get("data"), what), what)
+
+
+def paste_crop(out: np.ndarray, crop: Sequence[int], blob: bytes, what: str = "mask") -> np.ndarray:
+    """Writes a mask crop (r0, c0, h, w), `blob` = zlib(packbits(crop)) already base64-decoded, into `out`."""
+    height, width = out.shape
+    r0, c0, h, w = (int(v) for v in crop)
+    if h == 0 or w == 0:
+        return out
     if r0 < 0 or c0 < 0 or h < 0 or w < 0 or r0 + h > height or c0 + w > width:
         raise WireError(f"{what}: crop at {[r0, c0]} of size {[h, w]} lies outside the {height}x{width} slice")
-    packed = _inflate(_b64decode(payload.get("data"), what), (h * w + 7) // 8, what)
+    packed = _inflate(blob, (h * w + 7) // 8, what)
     out[r0 : r0 + h, c0 : c0 + w] = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=h * w).reshape(h, w)
     return out
 

@@ -39,6 +39,7 @@ DEFAULTS = dict(
     heartbeat_s=5.0,  # idle streams send a heartbeat line this often
     memory_gb=None,  # one budget for volumes, masks in flight and embeddings (None: half the machine's RAM)
     token_share=0.5,  # with tokens: the most of the sessions and of the volume memory one token may hold
+    parse_workers=2,  # worker processes parsing large request bodies (more wait their turn)
 )
 
 
@@ -110,6 +111,7 @@ class Job:
         self.session_id = session_id
         self.cancel = threading.Event()
         self.finished = threading.Event()
+        self.reserved = 0  # bytes of the memory budget its masks hold (released when it ends)
 
 
 class Session:
@@ -165,6 +167,14 @@ def owner_tag(token: Optional[str]) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:24]
 
 
+def named_tokens(tokens) -> List[Tuple[str, str]]:
+    """[(name, token)] from tokens given as strings (named token1, token2, ...) or (name, token) pairs."""
+    named = []
+    for n, t in enumerate(tokens or [], 1):
+        named.append((str(t[0]), str(t[1])) if isinstance(t, (tuple, list)) else (f"token{n}", str(t)))
+    return named
+
+
 def engines_by_name(engines) -> "Dict[str, Any]":
     """{model name: engine}, in the order given (the first is the default); one engine per family."""
     if not isinstance(engines, (list, tuple)):
@@ -186,7 +196,7 @@ class ServerState:
         self.default_model = next(iter(self.engines))
         self.engine = self.engines[self.default_model]
         self.limits = dict(DEFAULTS, **limits)
-        self.tokens = [(t.encode(), owner_tag(t)) for t in (tokens or [])]
+        self.tokens = [(t.encode(), owner_tag(t), name) for name, t in named_tokens(tokens)]
         budget = int(cache_mb * 2**20) if cache_mb else default_budget_bytes(self.engine.device)
         memory = int(float(self.limits["memory_gb"]) * 2**30) if self.limits["memory_gb"] else \
             machine_memory_bytes() // 2 or 8 * 2**30
@@ -205,6 +215,22 @@ class ServerState:
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="medsam-session-reaper", daemon=True)
         self._reaper.start()
+
+    def set_tokens(self, tokens) -> List[str]:
+        """Replaces the tokens (a reloaded token file): sessions of a token no longer listed are
+        closed; a token kept under a new name keeps its sessions. Returns the names now valid."""
+        new = [(t.encode(), owner_tag(t), name) for name, t in named_tokens(tokens)]
+        if self.tokens and not new:
+            raise InputError("a server started with tokens cannot drop them all")
+        kept = {tag for _, tag, _ in new}
+        self.tokens = new
+        with self.lock:
+            revoked = [s for s in self.sessions.values() if s.owner not in kept]
+        for session in revoked:
+            self.close_session(session)
+        if revoked:
+            log.info("closed %d session(s) of revoked tokens", len(revoked))
+        return [name for _, _, name in new]
 
     # -- models -------------------------------------------------------------------------------------
 
@@ -304,8 +330,19 @@ class ServerState:
 
     # -- jobs ---------------------------------------------------------------------------------------
 
-    def add_job(self, session: Session, job_id: Optional[str]) -> Job:
+    def add_job(self, session: Session, job_id: Optional[str], reserved: int = 0) -> Job:
+        """A running job of `session`; it takes over `reserved` bytes of the memory budget (released
+        when it ends; at once when it cannot start)."""
         job = Job(job_id or secrets.token_urlsafe(12), session.owner, session.id)
+        try:
+            self._add_job(session, job)
+        except BaseException:
+            self.memory.release(session.owner, reserved)
+            raise
+        job.reserved = reserved
+        return job
+
+    def _add_job(self, session: Session, job: Job) -> None:
         with self.lock:
             if (job.owner, job.id) in self.jobs:
                 raise http_error(409, "job_exists", f"a job {job.id} is already running")
@@ -314,16 +351,17 @@ class ServerState:
                             {"Retry-After": "5"})
             self.jobs[(job.owner, job.id)] = job
             session.jobs[job.id] = job
-        return job
 
     def end_job(self, session: Session, job: Job) -> None:
         job.finished.set()
         with self.lock:
             self.jobs.pop((job.owner, job.id), None)
             session.jobs.pop(job.id, None)
+            reserved, job.reserved = job.reserved, 0
+        self.memory.release(job.owner, reserved)
         session.touch()
 
-    def info(self, owner: str) -> Dict[str, Any]:
+    def info(self, owner: str, user: Optional[str] = None) -> Dict[str, Any]:
         engine = self.engine
         arch = getattr(engine, "architecture", None)
         models = [_model_info(name, e, name == self.default_model) for name, e in self.engines.items()]
@@ -367,6 +405,7 @@ class ServerState:
             "uptime_s": round(time.time() - self.started, 1),
             "memory": memory,
             "max_sessions_per_user": self.token_sessions,
+            "user": user,
         }
         if tenant:
             for name in ("sessions_open", "cache", "queue", "worker", "gpu"):
