@@ -927,3 +927,69 @@ def test_a_closed_session_frees_its_volume_and_embeddings(tiny_engine, volume, w
         assert len(state.cache) == 0 and state.memory.used == 0
     finally:
         state.shutdown()
+
+
+def test_a_jobs_masks_count_against_the_budget_before_they_are_decoded(budgeted):
+    """The masks a job is sent and the masks it returns are reserved by their declared shape before any
+    is decoded (the data below is not zlib at all: decoding first would have been a 400), and released
+    when the job ends."""
+    users = {t: RemoteEngine(budgeted.url, token=t, retries=0) for t in (TOKEN_A, TOKEN_B, TOKEN_C)}
+    auth = {"Authorization": f"Bearer {TOKEN_A}"}
+    not_zlib = {"offset": [0, 0], "shape": [512, 512], "data": base64.b64encode(b"not zlib at all").decode()}
+    big = users[TOKEN_A].open_session(np.zeros((3, 512, 512), np.uint8), (400, 40))
+    body = {"masks": [{"index": i, "mask": not_zlib} for i in range(3)], "corrected_index": 1,
+            "corrected_mask": not_zlib, "seed_index": 0}
+    reply = requests.post(f"{budgeted.url}/v1/sessions/{big.session_id}/repropagate", json=body, headers=auth,
+                          timeout=60)
+    _assert_4xx(reply, 413, "this job's masks")  # 3 sent + 1 corrected + 3 results of 256 KiB > 1.5 MiB per user
+    big.close()
+
+    small = users[TOKEN_A].open_session(np.zeros((4, 256, 256), np.uint8), (400, 40))  # 256 KiB
+    others = [users[t].open_session(VOLUME_1_2_MIB + n, (400, 40)) for n, t in enumerate((TOKEN_B, TOKEN_C))]
+    ones = encode_mask(np.ones((256, 256), bool))
+    body = {"masks": [{"index": i, "mask": ones} for i in range(4)], "corrected_index": 2, "corrected_mask": ones,
+            "seed_index": 1, "rules": {"max_slices": 1}}
+    url = f"{budgeted.url}/v1/sessions/{small.session_id}/repropagate"
+    reply = requests.post(url, json=body, headers=auth, timeout=60)  # 5 + 4 masks of 64 KiB: more than is free
+    _assert_4xx(reply, 507, "memory budget")
+    assert reply.headers.get("Retry-After")
+    others[0].close()
+    with requests.post(url, json=body, headers=auth, stream=True, timeout=(5, 120)) as reply:
+        assert _stream(reply)[-1]["type"] == "done"
+    assert users[TOKEN_A].info()["memory"]["used_bytes"] == 4 * 256 * 256  # the job's masks are released
+    small.close()
+    others[1].close()
+
+
+def test_a_jobs_reservation_is_computed_before_decoding(tiny_engine, volume, window):
+    """In process: what each job reserves (one full slice per mask sent, the corrected mask, one per
+    result slice), and nothing left reserved when a check fails after the reservation."""
+    import asyncio
+
+
+    from medsam_slicer.server import jobs
+    from medsam_slicer.server.bodies import parse
+    from medsam_slicer.server.state import ServerState, Session
+
+    state = ServerState([tiny_engine], None, 64.0, memory_gb=1.0)
+    try:
+        session = Session("s1", "local", volume, window, None, tiny_engine, "medsam")
+        state.add_session(session)
+        px = 128 * 128
+        seen = []
+        ones = encode_mask(np.ones((128, 128), bool))
+        raw = json.dumps({"masks": [{"index": i % 3, "mask": ones} for i in range(30)], "corrected_index": 4,
+                          "corrected_mask": ones, "seed_index": 3}).encode()
+        req, bulk = parse("repropagate", raw)
+        assert req.masks == [] and len(bulk.masks) == 30
+        jobs.check(session, "repropagate", req, bulk, seen.append)
+        assert seen == [(3 + 1) * px + 10 * px]
+        req, bulk = parse("box3d", json.dumps({"box": BOX, "first": 2, "last": 4}).encode())
+        jobs.check(session, "box3d", req, bulk, seen.append)
+        assert seen[-1] == 10 * px
+        req, bulk = parse("propagate", json.dumps({"seed_index": 5, "seed_box": BOX, "margin": -3}).encode())
+        with pytest.raises(InputError, match="margin"):
+            asyncio.run(jobs.start(state, session, "propagate", req, bulk))
+        assert state.memory.used == 0 and state.jobs == {}
+    finally:
+        state.shutdown()

@@ -239,6 +239,8 @@ async def run_stream(state, session, job_id, axis: str, base: Dict[int, np.ndarr
             session.touch()
             emit({"type": "slice", "index": int(index), "done": int(done), "total": int(total), "mask": encoded})
 
+        final: Dict[str, Any] = {"type": "error", "status": 500, "error": "internal",
+                                 "message": "internal server error (details are in the server log)"}
         try:
             result = work(pred, progress, job.cancel)
             for index, mask in result.masks.items():
@@ -246,19 +248,20 @@ async def run_stream(state, session, job_id, axis: str, base: Dict[int, np.ndarr
                 if streamed.get(int(index)) == encoded:  # the same crop of the same mask
                     continue
                 emit({"type": "mask", "index": int(index), "mask": encoded})
-            emit({"type": "done", "indices": [int(i) for i in result.masks],
-                  "stop_reasons": {str(k): str(v) for k, v in result.stop_reasons.items()},
-                  "cancelled": bool(result.cancelled)})
+            final = {"type": "done", "indices": [int(i) for i in result.masks],
+                     "stop_reasons": {str(k): str(v) for k, v in result.stop_reasons.items()},
+                     "cancelled": bool(result.cancelled)}
+            del result
         except SessionGone as exc:
-            emit({"type": "error", "status": 404, "error": "session_unknown", "message": str(exc)})
+            final = {"type": "error", "status": 404, "error": "session_unknown", "message": str(exc)}
         except MedSAMError as exc:
-            emit({"type": "error", "status": 400, "error": "invalid_input", "message": str(exc)[:500]})
+            final = {"type": "error", "status": 400, "error": "invalid_input", "message": str(exc)[:500]}
         except Exception:
             log.exception("job %s failed", job.id)
-            emit({"type": "error", "status": 500, "error": "internal",
-                  "message": "internal server error (details are in the server log)"})
         finally:
-            state.end_job(session, job)
+            base.clear()
+            state.end_job(session, job)  # its memory is free before the client reads the last line
+            emit(final)
 
     threading.Thread(target=body, name=f"medsam-job-{job.id[:8]}", daemon=True).start()
     # Errors the propagation module finds in its arguments arrive at once: answer them with a 4xx.
