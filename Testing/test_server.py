@@ -61,8 +61,8 @@ class ServerProcess:
     def __init__(self, checkpoint: str, log_dir, port=None, env=None, **options):
         self.env = dict(env or {})  # more environment variables for the server
         self.port = port or free_port()
-        self.options = dict(host="127.0.0.1", port=self.port, checkpoint=str(checkpoint), device="cpu",
-                            precision="fp32", log_level="warning", **options)
+        self.options = dict(dict(host="127.0.0.1", port=self.port, checkpoint=str(checkpoint), device="cpu",
+                                 precision="fp32", log_level="warning"), **options)
         self.log_path = os.path.join(str(log_dir), f"server-{self.port}.log")
         self.proc = None
 
