@@ -1,4 +1,5 @@
-"""Load benchmark of the medsam-slicer server: single-slice prompt latency under concurrent users.
+"""Load benchmark of the medsam-slicer server: single-slice prompt latency under concurrent users,
+and under a concurrent large request body.
 
 For 1, 4 and 8 concurrent users (each with its own session and volume), every user sends a
 sequence of single-slice prompts: a prompt on a slice not yet encoded ("cold": encoder + decoder)
@@ -9,6 +10,13 @@ re-windowed each pass so it keeps the encoder busy). Prints p50 / p95 latency pe
     python benchmarks/server_load.py --tiny                      # random tiny model, CPU (a smoke run)
     python benchmarks/server_load.py --checkpoint medsam_vit_b.pth --device cuda
     python benchmarks/server_load.py --url http://127.0.0.1:8765 --token ...   # a running server
+    python benchmarks/server_load.py --tiny --large-body          # health + prompts during a 6.7 MB body
+
+--large-body: one user prompts a slice over and over (warm: decoder only) and checks /v1/health
+between prompts, for --seconds, first on an otherwise idle server, then while another client posts a
+6.7 MB repropagate body (65,536 masks of 128x128) back to back; each such body is parsed, validated and
+decoded in full, then refused for its margin (no model work), so what it costs the others is the
+parsing alone. Prints p50 / p95 / max of both latencies.
 
 Without --url a server is started on a free loopback port with the given checkpoint and device.
 """
@@ -108,6 +116,103 @@ class Background(threading.Thread):
             self.error = f"{type(exc).__name__}: {exc}"
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def large_body(masks: int = 65536, size: int = 128) -> bytes:
+    """A repropagate body of `masks` full masks of size x size over slices 0..9, refused for its
+    margin only after every mask is decoded."""
+    from medsam_slicer.server.protocol import encode_mask
+
+    full = encode_mask(np.ones((size, size), bool))
+    return json.dumps({"masks": [{"index": n % 10, "mask": full} for n in range(masks)], "corrected_index": 1,
+                       "corrected_mask": full, "seed_index": 5, "margin": -2}).encode()
+
+
+def run_large_body(url: str, token: Optional[str], body: bytes, seconds: float, with_body: bool) -> Dict[str, object]:
+    """Warm prompts and health checks for `seconds`, with or without large bodies posted meanwhile."""
+    import requests
+
+    from medsam_slicer.server.client import RemoteEngine
+
+    engine = RemoteEngine(url, token=token)
+    volume = np.zeros((10, 128, 128), np.int16)
+    volume[:, 40:90, 30:100] = 300
+    session = engine.open_session(volume, (400, 40))
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    stop = threading.Event()
+    bodies: List[float] = []
+    errors: List[str] = []
+
+    def poster() -> None:
+        with requests.Session() as http:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                reply = http.post(f"{url}/v1/sessions/{session.session_id}/repropagate", data=body, headers=headers,
+                                  timeout=600)
+                if reply.status_code != 400:
+                    errors.append(f"large body: {reply.status_code} {reply.text[:100]}")
+                bodies.append(time.perf_counter() - t0)
+
+    session.segment_slice("k", 4, [30, 40, 90, 100])  # warm: every prompt below is decoder only
+    thread = threading.Thread(target=poster, daemon=True)
+    if with_body:
+        thread.start()
+        time.sleep(0.3)
+    prompts: List[float] = []
+    health: List[float] = []
+    with requests.Session() as http:
+        end = time.perf_counter() + seconds
+        n = 0
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            http.get(f"{url}/v1/health", timeout=60).raise_for_status()
+            health.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            session.segment_slice("k", 4, [30 + n % 7, 40, 90, 100])
+            prompts.append(time.perf_counter() - t0)
+            n += 1
+            time.sleep(0.02)
+    stop.set()
+    if with_body:
+        thread.join(600)
+    session.close()
+    return {"with_body": with_body, "prompts": len(prompts), "bodies": len(bodies),
+            "body_s": float(np.median(bodies)) if bodies else float("nan"),
+            "prompt_p50_ms": _percentile(prompts, 50), "prompt_p95_ms": _percentile(prompts, 95),
+            "prompt_max_ms": max(prompts) * 1000.0, "health_p50_ms": _percentile(health, 50),
+            "health_p95_ms": _percentile(health, 95), "health_max_ms": max(health) * 1000.0, "errors": errors}
+
+
+def large_body_table(url: str, token: Optional[str], seconds: float, masks: int) -> List[Dict[str, object]]:
+    body = large_body(masks)
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); large body: {len(body) / 1e6:.1f} MB, {masks} masks "
+          f"of 128x128; {seconds:.0f} s per row", flush=True)
+    rows = [run_large_body(url, token, body, seconds, with_body) for with_body in (False, True)]
+    print()
+    print("| concurrent large body | prompts | prompt p50 ms | prompt p95 ms | prompt max ms | health p50 ms "
+          "| health p95 ms | health max ms | bodies parsed (median s each) |")
+    print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        parsed = f"{r['bodies']} ({r['body_s']:.2f} s)" if r["with_body"] else "-"
+        print(f"| {'yes, back to back' if r['with_body'] else 'no'} | {r['prompts']} | {r['prompt_p50_ms']:.0f} "
+              f"| {r['prompt_p95_ms']:.0f} | {r['prompt_max_ms']:.0f} | {r['health_p50_ms']:.1f} "
+              f"| {r['health_p95_ms']:.1f} | {r['health_max_ms']:.1f} | {parsed} |")
+    return rows
+
+
 def run_scenario(url: str, token: Optional[str], volume: np.ndarray, users: int, prompts: int, background: bool,
                  seed: int, scenario: int) -> Dict[str, object]:
     from medsam_slicer.server.client import RemoteEngine, Timeouts
@@ -187,6 +292,10 @@ def main(argv=None) -> int:
     p.add_argument("--slices", type=int, default=0, help="use only the first N slices (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--large-body", action="store_true",
+                   help="only: prompt and health latency with and without a concurrent 6.7 MB body")
+    p.add_argument("--seconds", type=float, default=10.0, help="--large-body: seconds per row")
+    p.add_argument("--body-masks", type=int, default=65536, help="--large-body: masks in the body")
     args = p.parse_args(argv)
 
     proc = None
@@ -207,6 +316,17 @@ def main(argv=None) -> int:
         from medsam_slicer.server.client import RemoteEngine
 
         info = RemoteEngine(url, token=args.token).check()
+        if args.large_body:
+            print(f"server: {info['architecture']} on {info['device']} ({info['precision']}), "
+                  f"medsam-slicer {info['version']}", flush=True)
+            rows = large_body_table(url, args.token, args.seconds, args.body_masks)
+            errors = [e for r in rows for e in r["errors"]]
+            for e in errors[:5]:
+                print(f"error: {e}", file=sys.stderr)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"server": info, "cpu": cpu_name(), "large_body": rows}, f, indent=2)
+            return 1 if errors else 0
         volume = _load_volume(args.volume)
         if args.slices:
             volume = volume[: args.slices]

@@ -5,9 +5,10 @@ prompt, a window) is parsed on the spot: microseconds. A larger one is parsed, v
 base64-decoded in a worker process, PARSE_WORKERS at a time: JSON and pydantic parse holding
 Python's global lock, so in a thread a 7 MB body still stalled every other request for about a
 second. What comes back is the request without its bulk data, plus that data as bytes (`Bulk`):
-the volume's zlib stream, or each mask's zlib stream. The route then reserves the memory the
-decoded data will take (`state.MemoryBudget`) and only then inflates it, in a thread (zlib and numpy
-release the lock).
+the volume's zlib stream, or each mask's zlib stream (the last one sent per slice: it replaces
+the earlier ones). The worker processes run at a lower priority than the model. The route then
+reserves the memory the decoded data will take (`state.MemoryBudget`) and only then inflates it, in
+a thread (zlib and numpy release the lock).
 
 Nothing here imports FastAPI: a worker process imports this module, `schemas` and `protocol` only.
 """
@@ -17,6 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -66,34 +68,43 @@ def describe_errors(errors: Sequence[Dict[str, Any]]) -> str:
 
 
 class MaskBundle:
-    """Masks of several slices as received, not yet inflated: per mask its slice index, its crop
-    (row, col, height, width) and its zlib stream (cut from one blob, so it crosses processes cheaply)."""
+    """Masks of several slices as received, not yet inflated: per slice its crop (row, col, height,
+    width) and zlib stream (cut from one blob, so it crosses processes cheaply). A later mask of a
+    slice replaces an earlier one, so only the last is kept; `lowest` and `highest` are over every
+    index sent, so an index outside the volume is refused even when replaced."""
 
-    def __init__(self, indices: List[int], crops: List[Tuple[int, int, int, int]], blob: bytes, ends: List[int]):
+    def __init__(self, indices: List[int], crops: List[Tuple[int, int, int, int]], blob: bytes, ends: List[int],
+                 lowest: Optional[int] = None, highest: Optional[int] = None, sent: int = 0):
         self.indices, self.crops, self.blob, self.ends = indices, crops, blob, ends
+        self.lowest, self.highest, self.sent = lowest, highest, sent
 
     @classmethod
     def from_items(cls, items: Sequence[Any]) -> "MaskBundle":
-        indices, crops, parts, ends, end = [], [], [], [], 0
+        last: Dict[int, Any] = {}  # slice -> its last mask (in the order slices first appear)
         for item in items:
-            what = f"mask of slice {item.index}"
-            h, w = item.mask.shape
-            data = b64decode(item.mask.data, what) if h and w else b""
-            indices.append(int(item.index))
-            crops.append((int(item.mask.offset[0]), int(item.mask.offset[1]), int(h), int(w)))
+            last[int(item.index)] = item.mask
+        indices, crops, parts, ends, end = [], [], [], [], 0
+        for index, mask in last.items():
+            h, w = mask.shape
+            data = b64decode(mask.data, f"mask of slice {index}") if h and w else b""
+            indices.append(index)
+            crops.append((int(mask.offset[0]), int(mask.offset[1]), int(h), int(w)))
             parts.append(data)
             end += len(data)
             ends.append(end)
-        return cls(indices, crops, b"".join(parts), ends)
+        lowest = min(last) if last else None
+        highest = max(last) if last else None
+        return cls(indices, crops, b"".join(parts), ends, lowest, highest, len(items))
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.sent
 
     def check_indices(self, n: int, axis: str) -> int:
-        """Every index inside the volume; returns how many distinct slices the masks cover."""
-        for index in self.indices:
-            check_index(index, n, axis, "mask of slice")
-        return len(set(self.indices))
+        """Every index sent inside the volume; returns how many distinct slices the masks cover."""
+        for index in (self.lowest, self.highest):
+            if index is not None:
+                check_index(index, n, axis, "mask of slice")
+        return len(self.indices)
 
     def items(self) -> Iterator[Tuple[int, Tuple[int, int, int, int], bytes]]:
         start = 0
@@ -103,11 +114,9 @@ class MaskBundle:
             start = end
 
     def decode(self, size: Tuple[int, int]) -> Dict[int, np.ndarray]:
-        """{slice index: full (H, W) bool mask}; a later mask of the same slice replaces an earlier one."""
-        masks: Dict[int, np.ndarray] = {}
-        for index, crop, blob in self.items():
-            masks[index] = paste_crop(np.zeros(size, dtype=bool), crop, blob, f"mask of slice {index}")
-        return masks
+        """{slice index: full (H, W) bool mask}."""
+        return {index: paste_crop(np.zeros(size, dtype=bool), crop, blob, f"mask of slice {index}")
+                for index, crop, blob in self.items()}
 
 
 class Bulk:
@@ -141,6 +150,14 @@ def _ready() -> bool:
     return True
 
 
+def _worker_start() -> None:
+    """A parser process yields the CPU to the model's work (and the server's own threads)."""
+    try:
+        os.nice(10)
+    except (AttributeError, OSError):  # pragma: no cover - not on this system
+        pass
+
+
 class Parsers:
     """Parses bodies: small ones at once, larger ones in a pool of worker processes (started on
     first use or by warm(); a pool that cannot start falls back to one thread)."""
@@ -160,7 +177,7 @@ class Parsers:
             if self._pool is None and self._fallback is None:
                 try:
                     self._pool = concurrent.futures.ProcessPoolExecutor(
-                        self.workers, mp_context=multiprocessing.get_context("spawn"))
+                        self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start)
                 except (OSError, ValueError, NotImplementedError) as exc:  # no processes here: one thread
                     log.warning("parsing large bodies in a thread (no worker processes: %s)", exc)
                     self._fallback = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="medsam-parse")
@@ -194,4 +211,4 @@ class Parsers:
             pool, fallback, self._pool, self._fallback = self._pool, self._fallback, None, None
         for executor in (pool, fallback):
             if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
+                executor.shutdown(wait=True, cancel_futures=True)  # a body being parsed takes seconds at most
