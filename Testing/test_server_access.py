@@ -181,12 +181,12 @@ def open_server(tiny_checkpoint, tmp_path_factory):
 
 def test_without_a_token_only_loopback_host_names_are_answered(open_server, named):
     """DNS rebinding: a web page on evil.example whose name now resolves to 127.0.0.1 sends
-    Host: evil.example; a server without tokens refuses it."""
+    Host: evil.example; a server without tokens refuses it (421 Misdirected Request)."""
     port = open_server.port
     for host in (b"evil.example", b"evil.example:%d" % port, b"127.0.0.1.evil.example", b"localhost.evil",
                  b"[::1]x", b"10.0.0.1", b""):
         reply = _raw(port, b"GET /v1/health HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
-        assert _status(reply) == 403, (host, reply[:200])
+        assert _status(reply) == 421, (host, reply[:200])
         assert b"host_not_allowed" in reply
     for host in (b"127.0.0.1:%d" % port, b"localhost:%d" % port, b"localhost", b"[::1]:%d" % port, b"127.0.0.1",
                  b"LOCALHOST"):

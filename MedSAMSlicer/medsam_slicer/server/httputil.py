@@ -90,7 +90,7 @@ def host_header_is_loopback(value: str) -> bool:
 
 class LoopbackHostOnly:
     """Pure ASGI middleware for a server without tokens: a request whose Host header is not a loopback
-    name gets 403 (a web page that rebinds its own domain to 127.0.0.1 sends its domain as Host)."""
+    name gets 421 (a web page that rebinds its own domain to 127.0.0.1 sends its domain as Host)."""
 
     def __init__(self, app, enabled):
         self.app = app
@@ -101,7 +101,7 @@ class LoopbackHostOnly:
             host = next((v for k, v in scope.get("headers", ()) if k == b"host"), b"").decode("latin-1")
             if not host_header_is_loopback(host):
                 shown = host[:64] or "none"
-                response = error_response(403, "host_not_allowed", f"this server has no token and answers only "
+                response = error_response(421, "host_not_allowed", f"this server has no token and answers only "
                                           f"requests addressed to localhost or 127.0.0.1, not to {shown}")
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
