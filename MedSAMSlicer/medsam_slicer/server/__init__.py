@@ -3,6 +3,7 @@
 Server side (imports FastAPI; uvicorn only in `serve`):
 - `app`: the app factory `create_app(engines, tokens, ...)` and its thin routes.
 - `schemas`: request and reply schemas (they validate requests and document the API).
+- `bodies`: request bodies parsed, validated and base64-decoded off the event loop (worker processes).
 - `state`: models, sessions, jobs, the shared embedding cache, the idle-session reaper.
 - `jobs`: streamed 3D jobs, validated before they start, reported as NDJSON.
 - `httputil`: error replies, the request-size limit, bearer-token authentication.
