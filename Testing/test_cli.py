@@ -183,3 +183,12 @@ def test_weights_verify_says_when_it_only_records(capsys, tmp_path):
     blob.write_bytes(b"tampered" * 1000)
     code, _, err = run(capsys, "weights", "verify", blob)
     assert code == 2 and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag,value", [("--limit-concurrency", 0), ("--timeout-keep-alive", -1),
+                                        ("--header-timeout", 0), ("--max-header-bytes", 0)])
+def test_serve_connection_flags_are_checked_before_loading_the_model(capsys, tmp_path, flag, value):
+    # A checkpoint that does not exist proves the flag is checked (one line, exit 2) before any loading.
+    code, _, err = run(capsys, "serve", "--checkpoint", tmp_path / "missing.pth", "--port", 0, flag, value)
+    assert code == 2
+    assert flag in err and err.count("\n") == 1 and "Traceback" not in err

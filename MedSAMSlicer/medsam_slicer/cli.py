@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", choices=DEVICES)
     serve.add_argument("--precision", default="auto", choices=PRECISIONS)
     tok = serve.add_mutually_exclusive_group()
-    tok.add_argument("--token", help="bearer token clients must send (required off loopback)")
+    tok.add_argument("--token", help="bearer token clients must send (required off loopback); visible to local users "
+                                     "in ps: prefer --token-file or $MEDSAM_SLICER_TOKEN")
     tok.add_argument("--token-file", metavar="FILE", help="one token per line (one per user)")
     serve.add_argument("--max-sessions", type=int, default=16, help="open sessions at most (default 16)")
     serve.add_argument("--idle-timeout", type=float, default=1800, help="seconds before an idle session closes")
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-mb", type=int, default=1024, help="larger requests get 413")
     serve.add_argument("--memory-gb", type=float,
                        help="one budget for volumes, masks and embeddings (default: half this machine's RAM)")
+    serve.add_argument("--limit-concurrency", type=int, help="connections at once, more get 503 (default 64)")
+    serve.add_argument("--timeout-keep-alive", type=int, help="seconds an idle connection stays open (default 5)")
+    serve.add_argument("--header-timeout", type=float, help="seconds a client has to send its headers (default 10)")
+    serve.add_argument("--max-header-bytes", type=int, help="larger request heads are refused (default 16384)")
     return parser
 
 
@@ -175,7 +180,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             serve(host=args.host, port=args.port, models=args.model, checkpoint=args.checkpoint, device=args.device,
                   precision=args.precision, token=args.token, token_file=args.token_file,
                   max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,
-                  max_request_mb=args.max_request_mb, memory_gb=args.memory_gb)
+                  max_request_mb=args.max_request_mb, memory_gb=args.memory_gb,
+                  limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.timeout_keep_alive,
+                  header_timeout=args.header_timeout, max_header_bytes=args.max_header_bytes)
             return 0
     except MedSAMError as exc:
         print(f"medsam-slicer: error: {exc}", file=sys.stderr)
