@@ -17,6 +17,18 @@ re-checked on later loads with the same key. The folder is ``$MEDSAM_SLICER_BACK
 
 Interrupts are coarse: checked before each slice (one backend call cannot be stopped halfway).
 
+INT8 (``precision="int8"``, opt-in): the exported fp32 encoder is quantised post-training with ONNX
+Runtime's static quantiser (QDQ format, int8 weights per output channel, uint8 activations with
+MinMax ranges calibrated on windowed slices of the CT sample in four CT windows), then run by ONNX
+Runtime or OpenVINO. Only the linear layers (Gemm, and MatMul with a weight) are quantised: on
+TinyViT quantising its convolutions (their per-tensor activation ranges differ by orders of magnitude
+between channels) or the attention products lost accuracy (mask agreement down to 87%). Its guard,
+on the real structures of the CT sample (the expert segmentation slicerio ships: lungs, vertebral
+columns, body tissue, each on its median slice with its tight box, in its window) against the fp32
+torch path: masks agree on >= 99.5% of the confident pixels, and the 2D Dice against the expert's
+masks drops by <= 0.005 (mean over the structures). Otherwise int8 is refused with one line that
+names the measured numbers; the refusal is cached too (the same model fails the same way).
+
 ``auto``: a short calibration (each available backend exported, checked, timed on the check slice
 against the torch path) picks the fastest configuration that passes; a backend must beat torch by
 10% to be chosen (timings on a shared CPU are noisy). The verdict is cached per weights, CPU,
@@ -57,6 +69,16 @@ AUTO_MARGIN = 0.9  # auto takes a backend only if it needs <= 90% of the torch p
 CHECK_SLICE = 20  # CTChest4 slice with lung, mediastinum and body outline
 CHECK_BOXES = ((20, 30, 60, 95), (55, 70, 75, 100), (5, 10, 120, 118), (70, 30, 110, 90))
 
+PRECISIONS = ("fp32", "int8")
+INT8_MIN_AGREEMENT = 0.995
+INT8_MAX_DICE_DROP = 0.005
+# The CT sample's expert structures and the window each is judged in (as Testing/test_real_weights.py).
+GUARD_STRUCTURES = (("right lung", (1000, -500)), ("left lung", (1000, -500)),
+                    ("cervical vertebral column", (1800, 400)), ("thoracic vertebral column", (1800, 400)),
+                    ("lumbar vertebral column", (1800, 400)), ("tissue", (1500, -600)))
+CALIBRATION_WINDOWS = ((1000, -500), (1800, 400), (1500, -600), (400, 40))
+CALIBRATION_SLICES = 12
+
 
 class BackendError(MedSAMError):
     """A backend that is not installed, fails to export, or fails the accuracy guard."""
@@ -76,11 +98,13 @@ def _has(module: str) -> bool:
         return False
 
 
-def available(name: str) -> bool:
-    """Whether a backend can run here (torch always; the others need their runtime and the exporter)."""
+def available(name: str, precision: str = "fp32") -> bool:
+    """Whether a backend can run here (torch always; the others need their runtime and the exporter,
+    int8 also ONNX Runtime's quantiser)."""
     if name == "torch":
-        return True
-    return _has(RUNTIME_MODULE[name]) and all(_has(m) for m in EXPORT_MODULES)
+        return precision != "int8"
+    ok = _has(RUNTIME_MODULE[name]) and all(_has(m) for m in EXPORT_MODULES)
+    return ok and (precision != "int8" or _has("onnxruntime"))
 
 
 def available_backends() -> List[str]:
@@ -325,32 +349,50 @@ def passes(result: Dict[str, float]) -> bool:
 
 
 def prepare(name: str, net, family, reference: Callable, decode: Callable, threads: Optional[int] = None,
-            cache: Optional[str] = None, digest: Optional[str] = None) -> BackendEncoder:
+            cache: Optional[str] = None, digest: Optional[str] = None, precision: str = "fp32") -> BackendEncoder:
     """The backend's encoder for `net.image_encoder`: exported (or found in the cache), checked the
     first time against `reference` (the torch encoder in fp32) with the engine's `decode`, refused
-    with a BackendError if the guard fails."""
+    with a BackendError if the guard fails. precision "int8": quantised and held to the int8 guard."""
     import torch
 
     if name not in RUNTIME_MODULE:
         raise BackendError(f"unknown encoder backend '{name}': use {', '.join(RUNTIME_MODULE)}")
-    if not available(name):
-        raise BackendError(f"backend {name} needs {RUNTIME_MODULE[name]}, onnx and onnxscript: "
+    if precision not in PRECISIONS:
+        raise BackendError(f"backend {name} runs {' or '.join(PRECISIONS)}, not {precision}")
+    if not available(name, precision):
+        raise BackendError(f"backend {name} needs {RUNTIME_MODULE[name]}, onnx and onnxscript"
+                           f"{' (and onnxruntime to quantise)' if precision == 'int8' else ''}: "
                            "pip install medsam-slicer[cpu]")
     threads = int(threads or torch.get_num_threads())
     digest = digest or weights_digest(net.image_encoder)
-    key = _key([digest, family.NAME, str(family.INPUT_SIZE), name, library_version(name), torch.__version__,
-                _version("onnxscript"), cpu_key()])
-    folder = os.path.join(cache_root(cache), f"{family.NAME}-{name}-{key}")
-    model_path = os.path.join(folder, "encoder.onnx")
+    parts = [digest, family.NAME, str(family.INPUT_SIZE), name, library_version(name), torch.__version__,
+             _version("onnxscript"), cpu_key()]
+    int8 = precision == "int8"
+    if int8:  # the quantiser's version and its recipe are part of what the file is
+        parts += ["int8", _version("onnxruntime"), str(CALIBRATION_SLICES), repr(CALIBRATION_WINDOWS)]
+    key = _key(parts)
+    folder = os.path.join(cache_root(cache), f"{family.NAME}-{name}{'-int8' if int8 else ''}-{key}")
+    model_path = os.path.join(folder, "encoder-int8.onnx" if int8 else "encoder.onnx")
     verdict_path = os.path.join(folder, "verdict.json")
     report = _read_json(verdict_path)
     if not os.path.isfile(model_path):
         t = time.perf_counter()
-        export_onnx(net.image_encoder, int(family.INPUT_SIZE), model_path)
+        if int8:
+            fp32_path = os.path.join(folder, "encoder-fp32.onnx")
+            try:
+                export_onnx(net.image_encoder, int(family.INPUT_SIZE), fp32_path)
+                quantize_int8(fp32_path, model_path, calibration_inputs(family))
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(fp32_path)
+        else:
+            export_onnx(net.image_encoder, int(family.INPUT_SIZE), model_path)
         report = None
         export_s = time.perf_counter() - t
     else:
         export_s = 0.0
+    if int8 and report is not None and report.get("passed") is False and report.get("bytes") == os.path.getsize(model_path):
+        raise BackendError(_int8_refusal(name, report))  # measured before on this very file
     try:
         if name == "onnx":
             run = _onnx_runner(model_path, threads)
@@ -360,7 +402,15 @@ def prepare(name: str, net, family, reference: Callable, decode: Callable, threa
         raise BackendError(f"backend {name} could not load the exported encoder ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
     encoder = BackendEncoder(name, run, folder, report or {})
-    if report is None or not report.get("passed") or os.path.getsize(model_path) != report.get("bytes"):
+    if int8 and (report is None or not report.get("passed") or os.path.getsize(model_path) != report.get("bytes")):
+        report = dict(int8_guard(reference, encoder, decode, family), backend=name, precision="int8",
+                      version=library_version(name), bytes=os.path.getsize(model_path), export_s=round(export_s, 2))
+        report["passed"] = report["agreement"] >= INT8_MIN_AGREEMENT and report["dice_drop"] <= INT8_MAX_DICE_DROP
+        _write_json(verdict_path, report)
+        encoder.report = report
+        if not report["passed"]:
+            raise BackendError(_int8_refusal(name, report))
+    elif report is None or not report.get("passed") or os.path.getsize(model_path) != report.get("bytes"):
         grey, boxes = check_slice()
         x = torch.from_numpy(np.ascontiguousarray(family.model_input(grey)))
         with torch.inference_mode():
@@ -406,6 +456,127 @@ def _write_json(path: str, data: Dict) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------------------------------------------ int8
+
+
+def _sample():
+    """(CT volume [k, j, i], the expert's masks by name on its grid) of slicerio's sample."""
+    try:
+        import SimpleITK as sitk
+        import slicerio
+
+        from .volume_io import read_segmentation_masks, read_volume
+
+        folder = os.path.join(os.path.dirname(slicerio.__file__), "data")
+        ct = os.path.join(folder, "CTChest4.nrrd")
+        volume = sitk.GetArrayFromImage(sitk.ReadImage(ct))
+        masks = read_segmentation_masks(os.path.join(folder, "Segmentation.seg.nrrd"), reference=read_volume(ct))
+    except Exception as exc:
+        raise BackendError(f"int8 needs slicerio's CT sample to calibrate and check the model ({type(exc).__name__}); "
+                           "use --precision fp32") from None
+    return volume, masks
+
+
+def _guard_slices(masks) -> Dict[str, int]:
+    out = {}
+    for name, _ in GUARD_STRUCTURES:
+        ks = np.sort(np.nonzero(masks[name])[0])
+        out[name] = int(ks[len(ks) // 2])  # the structure's median-voxel slice
+    return out
+
+
+def calibration_inputs(family, count: int = CALIBRATION_SLICES) -> List[np.ndarray]:
+    """Model inputs (1, 3, S, S) of `count` slices spread over the CT sample, the CT windows taken in
+    turn, leaving out the slices the guard judges."""
+    from .windowing import choose_window
+
+    volume, masks = _sample()
+    judged = set(_guard_slices(masks).values())
+    ks = [k for k in range(volume.shape[0]) if k not in judged]
+    picks = [ks[int(i)] for i in np.linspace(0, len(ks) - 1, count)]
+    return [family.model_input(choose_window(volume, window=CALIBRATION_WINDOWS[n % len(CALIBRATION_WINDOWS)])
+                               .apply(volume[k])) for n, k in enumerate(picks)]
+
+
+def quantize_int8(fp32_path: str, path: str, inputs: Sequence[np.ndarray]) -> str:
+    """Post-training static quantisation (ONNX Runtime, QDQ) of the linear layers, atomically."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(inputs)
+
+        def get_next(self):
+            x = next(self.items, None)
+            return None if x is None else {"x": np.ascontiguousarray(x, dtype=np.float32)}
+
+    tmp = tempfile.mkdtemp(prefix=".quantize-", dir=os.path.dirname(path))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            pre = os.path.join(tmp, "pre.onnx")
+            quant_pre_process(fp32_path, pre)
+            model = onnx.load(pre)
+            weights = {t.name for t in model.graph.initializer}
+            linear = [n.name for n in model.graph.node
+                      if n.op_type == "Gemm" or (n.op_type == "MatMul" and any(i in weights for i in n.input))]
+            out = os.path.join(tmp, os.path.basename(path))
+            quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_quantize=linear)
+        os.replace(out, path)
+    except Exception as exc:
+        raise BackendError(f"could not quantise the image encoder to int8 ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def int8_guard(reference: Callable, encoder: Callable, decode: Callable, family) -> Dict[str, object]:
+    """The int8 encoder against the fp32 torch one on the CT sample's structures (median slice,
+    tight box, the structure's window): agreement on the confident pixels of all of them together,
+    and the 2D Dice against the expert's masks, fp32 minus int8 (mean and worst structure)."""
+    import torch
+
+    from .slicing import mask_bbox
+    from .windowing import choose_window
+
+    volume, masks = _sample()
+    slices = _guard_slices(masks)
+    agree = confident = 0
+    drops = {}
+    for name, window in GUARD_STRUCTURES:
+        k = slices[name]
+        truth = masks[name][k]
+        grey = choose_window(volume, window=window).apply(volume[k])
+        x = torch.from_numpy(np.ascontiguousarray(family.model_input(grey)))
+        box = np.array([mask_bbox(truth)], dtype=float)
+        with torch.inference_mode():
+            prob_ref = decode(reference(x), box, grey.shape[:2])[0][0]
+            prob = decode(encoder(x), box, grey.shape[:2])[0][0]
+        sure = (prob_ref < CONFIDENT[0]) | (prob_ref > CONFIDENT[1])
+        agree += int(((prob > 0.5) == (prob_ref > 0.5))[sure].sum())
+        confident += int(sure.sum())
+        drops[name] = round(_dice(prob_ref > 0.5, truth) - _dice(prob > 0.5, truth), 4)
+    return {"agreement": agree / max(confident, 1), "dice_drop": float(np.mean(list(drops.values()))),
+            "worst_dice_drop": max(drops.values()), "dice_drops": drops}
+
+
+def _dice(a, b) -> float:
+    return float(2.0 * np.logical_and(a, b).sum() / max(1, int(a.sum()) + int(b.sum())))
+
+
+def _int8_refusal(name: str, report: Dict) -> str:
+    return (f"int8 refused on backend {name}: on the CT sample's {len(GUARD_STRUCTURES)} structures mask agreement "
+            f"{report['agreement']:.2%} (needs >= {INT8_MIN_AGREEMENT:.1%}) and 2D Dice drop {report['dice_drop']:.4f} "
+            f"(needs <= {INT8_MAX_DICE_DROP}; worst structure {report['worst_dice_drop']:.4f}) against fp32; "
+            "use --precision fp32 or auto")
+
+
 # ------------------------------------------------------------------------------------------ auto
 
 
@@ -423,46 +594,57 @@ def _seconds(encoder: Callable, x, repeats: int = 2) -> float:
 
 
 def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Callable, threads: Optional[int] = None,
-           cache: Optional[str] = None, candidates: Optional[Sequence[str]] = None, log=None, tag: str = ""):
-    """`auto`: (backend name, encoder) of the fastest configuration that passes the guard, from a
-    calibration cached per weights, CPU, library versions and threads; ("torch", torch_encoder)
-    unless a backend is at least 10% faster. `torch_encoder` is the engine's own torch path (maybe
-    bf16, under its own guard), `reference` the fp32 torch encoder the backends are checked against;
-    `tag` names the torch path's configuration in the cache key (e.g. its precision)."""
+           cache: Optional[str] = None, candidates: Optional[Sequence[str]] = None, log=None, tag: str = "",
+           precision: str = "fp32"):
+    """`auto`: (backend name, encoder) of the fastest configuration that passes its guard, from a
+    calibration (each candidate timed on the check slice, best of 2 after a warm-up) cached per
+    weights, CPU, library versions and threads. fp32: ("torch", torch_encoder) unless a backend is
+    at least 10% faster; `torch_encoder` is the engine's own torch path (maybe bf16, under its own
+    guard), `reference` the fp32 torch encoder the backends are checked against, `tag` names the
+    torch path's configuration in the cache key (e.g. its precision). int8 (opt-in): the fastest
+    backend whose int8 model passes the int8 guard; a BackendError naming each refusal if none does."""
     import torch
 
+    int8 = precision == "int8"
     threads = int(threads or torch.get_num_threads())
-    candidates = [b for b in (candidates or RUNTIME_MODULE) if available(b)]
+    candidates = [b for b in (candidates or RUNTIME_MODULE) if available(b, precision)]
     if not candidates:
+        if int8:
+            raise BackendError("int8 runs on the onnx or openvino backend, neither is installed: "
+                               "pip install medsam-slicer[cpu]")
         return "torch", torch_encoder
     digest = weights_digest(net.image_encoder)
-    key = _key([digest, family.NAME, torch.__version__, cpu_key(), str(threads), tag]
-               + [f"{b}={library_version(b)}" for b in candidates])
-    path = os.path.join(cache_root(cache), f"auto-{family.NAME}-{key}.json")
+    key = _key([digest, family.NAME, torch.__version__, cpu_key(), str(threads), tag, precision]
+               + [f"{b}={library_version(b)}" for b in candidates] + ([_version("onnxruntime")] if int8 else []))
+    path = os.path.join(cache_root(cache), f"auto-{family.NAME}{'-int8' if int8 else ''}-{key}.json")
     verdict = _read_json(path)
     if verdict is None:
         grey, _ = check_slice()
         x = torch.from_numpy(np.ascontiguousarray(family.model_input(grey)))
-        timings = {"torch": _seconds(torch_encoder, x)}
+        timings = {} if int8 else {"torch": _seconds(torch_encoder, x)}
         failures = {}
         for name in candidates:
             try:
-                encoder = prepare(name, net, family, reference, decode, threads, cache, digest)
+                encoder = prepare(name, net, family, reference, decode, threads, cache, digest, precision)
             except BackendError as exc:
                 failures[name] = str(exc)
                 continue
             timings[name] = _seconds(encoder, x)
-        best = min(timings, key=timings.get)
-        if best != "torch" and timings[best] > AUTO_MARGIN * timings["torch"]:
+        best = min(timings, key=timings.get) if timings else None
+        if not int8 and best != "torch" and timings[best] > AUTO_MARGIN * timings["torch"]:
             best = "torch"
-        verdict = {"choice": best, "seconds": {k: round(v, 4) for k, v in timings.items()}, "failed": failures}
+        verdict = {"choice": best, "precision": precision, "seconds": {k: round(v, 4) for k, v in timings.items()},
+                   "failed": failures}
         _write_json(path, verdict)
         if log is not None:
-            log(f"backend auto: {best} ({', '.join(f'{k} {v:.2f} s' for k, v in timings.items())})")
-    best = verdict.get("choice", "torch")
-    if best == "torch" or best not in candidates:
+            log(f"backend auto ({precision}): {best} ({', '.join(f'{k} {v:.2f} s' for k, v in timings.items())})")
+    best = verdict.get("choice")
+    if int8 and best not in candidates:
+        reasons = "; ".join(verdict.get("failed", {}).values()) or "no backend could run it"
+        raise BackendError(reasons)
+    if best is None or best == "torch" or best not in candidates:
         return "torch", torch_encoder
-    return best, prepare(best, net, family, reference, decode, threads, cache, digest)
+    return best, prepare(best, net, family, reference, decode, threads, cache, digest, precision)
 
 
 # --------------------------------------------------------------------------------------- decoder

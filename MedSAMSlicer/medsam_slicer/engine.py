@@ -14,12 +14,13 @@ import numpy as np
 
 from .model import load_model, resolve_device
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 BACKEND_ENV = "MEDSAM_SLICER_BACKEND"  # the encoder backend engines loaded by name use (default torch)
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """auto: bf16 on CUDA and on CPUs with native bf16 matrix units, fp16 on MPS, else fp32."""
+    """auto: bf16 on CUDA and on CPUs with native bf16 matrix units, fp16 on MPS, else fp32. int8 is
+    opt-in and runs on an exported CPU backend (see `backends.py`)."""
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
         from .errors import InputError
@@ -54,8 +55,9 @@ class MedSAMEngine:
     tests build); it is part of `model_id`, hence of every embedding cache key.
     backend: the image encoder's engine on the CPU, "torch" (default), "onnx", "openvino" or "auto"
     (see `backends.py`: exported at first use, checked against torch, cached on disk; auto chooses
-    by a cached calibration). A backend other than torch computes in fp32 and adds itself to
-    `model_id`.
+    by a cached calibration). A backend other than torch computes in fp32 (or int8 with
+    precision="int8", which needs one: its torch path is the fp32 reference it is checked against)
+    and adds itself to `model_id`.
     """
 
     def __init__(self, sam, device: str = "cpu", precision: str = "fp32", model_id: str = "medsam",
@@ -69,7 +71,7 @@ class MedSAMEngine:
         self.precision = resolve_precision(precision, device)
         self.model_id = f"{self.family.NAME}/{model_id}:{self.precision}"
         self.sam = sam.to(device).eval()
-        self._dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self._lock = threading.RLock()
         self._decode_lock = threading.RLock()
         # Slices per encoder call: batching pays on GPUs; on a CPU it only multiplies peak memory.
@@ -91,6 +93,10 @@ class MedSAMEngine:
         from .backends import check_backend
 
         backend = check_backend(backend)
+        if self.precision == "int8" and backend == "torch":
+            from .backends import BackendError
+
+            raise BackendError("precision int8 runs on an exported backend: use --backend onnx, openvino or auto")
         if backend != "torch":
             self._use_backend(backend, precision)
 
@@ -99,26 +105,28 @@ class MedSAMEngine:
 
         from . import backends
 
+        int8 = self.precision == "int8"
         if self.device != "cpu" or not self.fast:
-            if name == "auto":
+            if name == "auto" and not int8:
                 return
             raise backends.BackendError(f"backend {name} runs the image encoder on the CPU: use --device cpu or --backend torch")
-        if name != "auto" and self.precision != "fp32" and (requested_precision or "auto").lower() != "auto":
-            raise backends.BackendError(f"backend {name} computes in fp32: use --precision fp32 (or auto)")
+        if name != "auto" and self.precision not in ("fp32", "int8") and (requested_precision or "auto").lower() != "auto":
+            raise backends.BackendError(f"backend {name} computes in fp32 or int8: use --precision fp32, int8 or auto")
         reference = self._encoder
-        if self.precision != "fp32":
+        if self.precision not in ("fp32", "int8"):
             reference = self.family.prepare_encoder(self.sam, torch.float32, self.device)
+        target = "int8" if int8 else "fp32"
         if name == "auto":
             name, encoder = backends.choose(self.sam, self.family, self._encoder, reference, self.decode,
-                                            tag=self.precision)
+                                            tag=self.precision, precision=target)
             if name == "torch":
                 return
         else:
-            encoder = backends.prepare(name, self.sam, self.family, reference, self.decode)
-        self._encoder, self.backend, self.precision = encoder, name, "fp32"
+            encoder = backends.prepare(name, self.sam, self.family, reference, self.decode, precision=target)
+        self._encoder, self.backend, self.precision = encoder, name, target
         self._dtype = torch.float32
         base = self.model_id.rsplit(":", 1)[0]
-        self.model_id = f"{base}:fp32:{name}"
+        self.model_id = f"{base}:{target}:{name}"
         try:  # the decoder too when it exports and passes its check; else the torch decoder stays
             self._backend_decoder = backends.prepare_decoder(name, self.sam, self.family)
         except backends.BackendError:
@@ -128,7 +136,7 @@ class MedSAMEngine:
     def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto",
                         model: Optional[str] = None, backend: Optional[str] = None) -> "MedSAMEngine":
         """Loads a weights file; its family is recognised from the tensors unless `model` names it.
-        backend None: $MEDSAM_SLICER_BACKEND if set, else torch."""
+        backend None: $MEDSAM_SLICER_BACKEND if set, else torch (auto for precision int8)."""
         import hashlib
         import os
 
@@ -136,7 +144,8 @@ class MedSAMEngine:
         net, family, arch = load_model(path, model)
         stat = os.stat(path)
         ident = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        backend = backend or os.environ.get(BACKEND_ENV, "").strip() or "torch"
+        backend = backend or os.environ.get(BACKEND_ENV, "").strip() or (
+            "auto" if str(precision).lower() == "int8" else "torch")
         engine = cls(net, device, precision, model_id=f"{arch}:{ident}", family=family, backend=backend)
         engine.architecture = arch
         engine.checkpoint = path
