@@ -175,3 +175,64 @@ def test_screenshots_exist_and_license_is_there():
         license_text = f.read()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert "END OF TERMS AND CONDITIONS" in license_text
+
+
+# ------------------------------------------------------------------ the effect's intensity parameter
+
+EFFECT_STUBS = textwrap.dedent('''
+    import importlib.util, sys, types
+    sys.modules["qt"] = types.ModuleType("qt")
+    editor_effects = types.ModuleType("SegmentEditorEffects")
+    editor_effects.AbstractScriptedSegmentEditorEffect = object
+    sys.modules["SegmentEditorEffects"] = editor_effects
+    spec = importlib.util.spec_from_file_location("SegmentEditorEffect", {path!r})
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    Effect = module.SegmentEditorEffect
+
+    class Scripted:
+        """qSlicerSegmentEditorAbstractEffect's parameters: a default never replaces a saved value."""
+
+        def __init__(self, saved):
+            self.params = dict(saved)
+
+        def setParameterDefault(self, name, value):
+            if name not in self.params:
+                self.params[name] = value
+
+        def parameter(self, name):
+            return str(self.params.get(name, ""))
+
+        def doubleParameter(self, name):
+            return float(self.params.get(name, 0.0))
+
+    class Display:
+        def GetWindow(self):
+            return 350.0
+
+        def GetLevel(self):
+            return 40.0
+
+    def effect(saved):
+        self = types.SimpleNamespace(scriptedEffect=Scripted(saved))
+        self.sourceVolumeNode = lambda: types.SimpleNamespace(GetDisplayNode=lambda: Display())
+        Effect.setMRMLDefaults(self)
+        return self
+''')
+
+
+def test_the_effect_defaults_to_automatic_and_keeps_a_saved_choice():
+    path = os.path.join(ROOT, "MedSAMSegmentEffect", "MedSAMSegmentEffectLib", "SegmentEditorEffect.py")
+    code = EFFECT_STUBS.format(path=path) + textwrap.dedent('''
+        fresh = effect({})
+        print("FRESH", fresh.scriptedEffect.parameter("Window"), Effect.windowSpec(fresh)[:3])
+        saved = effect({"Window": "display"})  # a scene saved when the display window was the default
+        print("SAVED", saved.scriptedEffect.parameter("Window"), Effect.windowSpec(saved)[:3])
+        odd = effect({"Window": "no-such-window"})
+        print("ODD", Effect.windowSpec(odd)[:3])
+    ''')
+    rc, out = run_python(code)
+    assert rc == 0, out
+    assert "FRESH auto ('auto', None, None)" in out, out
+    assert "SAVED display ('display', (350.0, 40.0), None)" in out, out
+    assert "ODD ('auto', None, None)" in out, out

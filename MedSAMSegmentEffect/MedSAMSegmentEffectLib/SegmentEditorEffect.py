@@ -202,6 +202,9 @@ a running job or a preview (Esc leaves the effect, which stops a running job too
 3D: <b>u</b> / <b>j</b> / <b>p</b> propagate up / down / both from the current slice; key slices: draw boxes
 on several slices with <i>Key slices</i> on, then <b>k</b> (Interpolate); <i>Segment in ROI</i> uses a markups ROI.
 After correcting a slice by hand, <i>Re-propagate</i> recomputes the slices beyond it.<br>
+<i>Intensity</i>: <i>Automatic</i> (the default) lets LiteMedSAM pick the CT window for each segment from its
+first box (lungs get a lung window, bone a bone window) and keeps it for that segment; MR gets percentiles.
+The status line says which window was used.<br>
 A job writes into the segment selected when it started: selecting another segment, undoing or changing
 the source volume stops it. The editable area, editable intensity range and overwrite settings apply;
 one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer module.</html>"""
@@ -212,7 +215,11 @@ one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer
         self.windowCombo = qt.QComboBox()
         for value, label in intensity.CHOICES:
             self.windowCombo.addItem(label, value)
-        self.windowCombo.toolTip = "Intensities MedSAM sees: by default the volume's current window/level."
+        self.windowCombo.toolTip = ("Intensities MedSAM sees. Automatic (the default): on CT with LiteMedSAM the model "
+                                    "picks the window for each segment from its first box (and keeps it for that "
+                                    "segment); MR and other data get the 0.5-99.5th percentiles, MedSAM ViT-B on CT "
+                                    "its training window (W 400, L 40). Or the volume's display window/level, "
+                                    "a preset, or a custom width/level.")
         self.windowWidth = qt.QDoubleSpinBox()
         self.windowLevel = qt.QDoubleSpinBox()
         for box in (self.windowWidth, self.windowLevel):
@@ -310,7 +317,8 @@ one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer
         self.maxSlices.connect("valueChanged(int)", self.updateMRMLFromGUI)
 
     def setMRMLDefaults(self):
-        self.scriptedEffect.setParameterDefault("Window", "display")
+        # a parameter saved before Automatic became the default (e.g. "display" in a saved scene) is kept
+        self.scriptedEffect.setParameterDefault("Window", intensity.DEFAULT)
         self.scriptedEffect.setParameterDefault("WindowWidth", 400.0)
         self.scriptedEffect.setParameterDefault("WindowLevel", 40.0)
         self.scriptedEffect.setParameterDefault("PreviewOnly", 0)
@@ -320,7 +328,7 @@ one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer
         widgets = (self.windowCombo, self.windowWidth, self.windowLevel, self.previewCheck, self.maxSlices)
         blocked = [w.blockSignals(True) for w in widgets]
         try:
-            index = self.windowCombo.findData(self.scriptedEffect.parameter("Window"))
+            index = self.windowCombo.findData(intensity.choice_of(self.scriptedEffect.parameter("Window")))
             self.windowCombo.setCurrentIndex(max(index, 0))
             self.windowWidth.setValue(self.scriptedEffect.doubleParameter("WindowWidth"))
             self.windowLevel.setValue(self.scriptedEffect.doubleParameter("WindowLevel"))
@@ -335,7 +343,7 @@ one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer
         self.updateWindowLabel()
 
     def updateMRMLFromGUI(self, *args):
-        self.scriptedEffect.setParameter("Window", self.windowCombo.currentData or "display")
+        self.scriptedEffect.setParameter("Window", self.windowCombo.currentData or intensity.DEFAULT)
         self.scriptedEffect.setParameter("WindowWidth", self.windowWidth.value)
         self.scriptedEffect.setParameter("WindowLevel", self.windowLevel.value)
         self.scriptedEffect.setParameter("PreviewOnly", 1 if self.previewCheck.checked else 0)
@@ -346,12 +354,14 @@ one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer
         self.updateWindowLabel()
 
     def updateWindowLabel(self):
-        choice = self.scriptedEffect.parameter("Window") or "display"
-        if choice == "display":
+        choice = intensity.choice_of(self.scriptedEffect.parameter("Window"))
+        if choice == intensity.DISPLAY:
             wl = intensity.display_width_level(self.sourceVolumeNode())
             self.windowLabel.text = ("display: W {:g} L {:g}".format(*wl)) if wl else "display window unknown: automatic"
         elif choice == "custom":
             self.windowLabel.text = f"custom: W {self.windowWidth.value:g} L {self.windowLevel.value:g}"
+        elif choice == intensity.AUTO:
+            self.windowLabel.text = "per segment; the status line shows the window used"
         else:
             self.windowLabel.text = ""
 
@@ -405,7 +415,7 @@ one Ctrl+Z undoes a whole propagation. Engine, device and weights: MedSAM Slicer
         self.cancelButton.visible = self.runner.busy
 
     def windowSpec(self):
-        choice = self.scriptedEffect.parameter("Window") or intensity.DISPLAY
+        choice = intensity.choice_of(self.scriptedEffect.parameter("Window"))
         displayWL = intensity.display_width_level(self.sourceVolumeNode()) if choice == intensity.DISPLAY else None
         custom = (self.scriptedEffect.doubleParameter("WindowWidth"), self.scriptedEffect.doubleParameter("WindowLevel"))
         return jobs.window_spec(choice, displayWL, custom)

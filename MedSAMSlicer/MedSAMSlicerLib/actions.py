@@ -357,8 +357,10 @@ class ActionRunner:
         action.segmentation_node, action.segment_id = segmentation_node, segment_id
         action.image, action.image_key, action.session_key = image, key, session_key
         action.segment_state = segment_state(segmentation_node, segment_id)
-        action.job = self.worker.submit(fn, self.holder, provider, session_key, volume, self.host.window_spec(), *args,
-                                        tag=action.kind)
+        # the automatic window is picked, and remembered, per structure: the segment the action writes into
+        spec = jobs.for_structure(self.host.window_spec(), (
+            segmentation_node.GetID() if segmentation_node is not None else None, segment_id))
+        action.job = self.worker.submit(fn, self.holder, provider, session_key, volume, spec, *args, tag=action.kind)
         self.session_key = session_key
         self.action = action
         self.host.progress(None if action.kind == "slice" else 0)
@@ -499,8 +501,8 @@ class ActionRunner:
         self.last_seed = (action.axis, index, action.box)
         from . import intensity
 
-        self.status(f"Slice {index} segmented ({score_text}, {intensity.describe(result['window'])}). "
-                    "Propagate with u / j / p.")
+        window = intensity.describe(result["window"], result.get("window_note"))
+        self.status(f"Slice {index} segmented ({score_text}, window {window}). Propagate with u / j / p.")
 
     def _write_redraw(self, axis, index, box, mask) -> None:
         """A box drawn again on a slice replaces what the box touches; other pieces on the slice stay."""
@@ -524,7 +526,13 @@ class ActionRunner:
             self._write(fix)
         reasons = ", ".join("{}: {}".format(*kv) for kv in result.get("stop_reasons", {}).items())
         done = "cancelled, kept" if result.get("cancelled") else "done:"
-        self.status("MedSAM {} {} slices{}.".format(done, len(masks), (" (" + reasons + ")") if reasons else ""))
+        window = ""
+        if result.get("window_note") and result.get("window") is not None:
+            from . import intensity
+
+            window = "; window " + intensity.describe(result["window"], result["window_note"])
+        self.status("MedSAM {} {} slices{}{}.".format(done, len(masks), (" (" + reasons + ")") if reasons else "",
+                                                      window))
 
     def _end(self, reset_session: bool) -> None:
         self.action = None
