@@ -169,3 +169,31 @@ def test_backend_decoder_matches_torch(name, tiny_sam, backend_cache, ct_array):
     prob_ref, iou_ref = reference.decode(emb, boxes, (128, 128))
     assert prob.shape == prob_ref.shape == (2, 128, 128) and iou.shape == (2,)
     assert np.abs(prob - prob_ref).max() < 1e-3 and np.abs(iou - iou_ref).max() < 1e-3
+
+
+def test_serve_accepts_backend_and_passes_it_to_the_engine(monkeypatch):
+    from medsam_slicer.cli import build_parser, main
+
+    assert build_parser().parse_args(["serve", "--backend", "auto"]).backend == "auto"
+    seen = {}
+
+    def fake_serve(**kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr("medsam_slicer.server.serve.serve", fake_serve)
+    assert main(["serve", "--backend", "openvino", "--precision", "int8"]) == 0
+    assert seen["backend"] == "openvino" and seen["precision"] == "int8"
+
+
+def test_isa_cap_drops_avx512_from_the_peak_estimate_and_labels_rows():
+    from medsam_slicer.bench import ISA_CAPS, format_table
+
+    info = backends.cpu_info(2, isa_cap="avx2")
+    assert not [f for f in info["isa"] if f.startswith(("avx512", "amx"))]
+    assert info["flop_per_cycle"] in (16, 32)
+    assert ISA_CAPS["avx2"]["ONEDNN_MAX_CPU_ISA"] == "AVX2" and ISA_CAPS["avx2"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    row = {"config": "engine-fp32 [avx2 cap]", "isa_cap": "avx2", "aten_isa": "AVX2", "encoder_s_per_slice": 0.5,
+           "model": "m", "device": "cpu", "cpu": "c", "threads": 2, "torch": "t", "isa": "avx2 fma",
+           "peak_gflops": 100.0, "peak_estimate": "e"}
+    table = format_table([row])
+    assert "[avx2 cap]: EMULATED" in table and "ONNX Runtime cannot be capped" in table

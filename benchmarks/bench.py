@@ -3,11 +3,14 @@
     python benchmarks/bench.py [--model medsam|litemedsam] [--checkpoint FILE] [--device auto]
                                [--precisions fp32 bf16] [--slices 8] [--json out.json]
                                [--batches 1 4 8 --peak-tflops 989] [--backends onnx openvino]
+                               [--isa-cap avx2]
 
 Without --checkpoint, medsam is a random-weight ViT-B (speed does not depend on the weights) and
 litemedsam its official weights. --batches adds encoder throughput per batch size and, with
 --peak-tflops (the card's dense bf16 peak), the fraction of it reached (the family's
-ENCODER_GFLOPS per slice: 972 for ViT-B, about 75 for LiteMedSAM's TinyViT).
+ENCODER_GFLOPS per slice: 972 for ViT-B, about 75 for LiteMedSAM's TinyViT). --precisions fp32 int8
+adds the int8 encoder on each backend. --isa-cap avx2 times the rows again in a subprocess whose
+libraries are capped to AVX2 (an AVX2-only CPU emulated on this one; see medsam_slicer.bench).
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ def main(argv=None):
     ap.add_argument("--skip-table", action="store_true")
     ap.add_argument("--backends", nargs="*", default=None,
                     help="CPU encoder backends to add (onnx openvino; default: those installed; none: --backends)")
+    ap.add_argument("--isa-cap", choices=["avx2"], help="also the rows under this instruction-set cap (emulated)")
     args = ap.parse_args(argv)
 
     from medsam_slicer.bench import format_table, run_benchmark
@@ -78,7 +82,7 @@ def main(argv=None):
     if not args.skip_table:
         results = run_benchmark(model=args.model, checkpoint=args.checkpoint, device=args.device, precisions=args.precisions,
                                 slices=args.slices, reference=not args.no_reference, compile=args.compile,
-                                backends=args.backends)
+                                backends=args.backends, isa_cap=args.isa_cap)
         print(format_table(results), flush=True)
         out["configs"] = results
     if args.batches:

@@ -134,7 +134,7 @@ def _cpuinfo_text() -> str:
         return ""
 
 
-def cpu_info(threads: Optional[int] = None) -> Dict[str, object]:
+def cpu_info(threads: Optional[int] = None, isa_cap: Optional[str] = None) -> Dict[str, object]:
     """The CPU's model, its instruction sets that matter here and an fp32 peak estimate.
 
     peak = cores used x GHz x fp32 FLOP per cycle per core, where FLOP/cycle is 2 FMA pipes x
@@ -142,6 +142,8 @@ def cpu_info(threads: Optional[int] = None) -> Dict[str, object]:
     (Zen 4 splits 512-bit operations over its 256-bit units) and with AVX2 + FMA, 16 without FMA.
     GHz: the "@ x.xxGHz" of the model name if there is one, else /proc/cpuinfo's "cpu MHz" (the
     current or nominal clock; turbo is not counted). An estimate, good to a factor of ~1.3.
+    isa_cap "avx2": as if the CPU stopped at AVX2 + FMA (the libraries capped to it): its AVX-512
+    and AMX sets dropped.
     """
     text = _cpuinfo_text()
     model, mhz, flags = platform.processor() or platform.machine(), None, set()
@@ -157,6 +159,8 @@ def cpu_info(threads: Optional[int] = None) -> Dict[str, object]:
                 pass
         elif key == "flags" and not flags:
             flags = set(value.split())
+    if isa_cap == "avx2":
+        flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
     ghz, ghz_source = None, "unknown"
     if "GHz" in model and "@" in model:
         try:

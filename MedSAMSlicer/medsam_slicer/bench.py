@@ -8,7 +8,15 @@ in the background while the current one is decoded). Configurations:
 * ``reference-fp32``: segment-anything's encoder called as published (``sam.image_encoder(x)``),
 * ``engine-<precision>``: the engine's fast encoder (SDPA, private weights in that precision),
 * ``onnx-fp32``, ``openvino-fp32``: the encoder and decoder exported to ONNX Runtime / OpenVINO
-  (`backends.py`; included when installed, first export and check not timed).
+  (`backends.py`; included when installed, first export and check not timed),
+* ``onnx-int8``, ``openvino-int8`` when "int8" is among the precisions: the int8 encoder (a row
+  with its one-line reason if its accuracy guard refuses it).
+
+``isa_cap="avx2"`` times the rows again in a subprocess whose libraries are capped to AVX2 + FMA
+(oneDNN: ONEDNN_MAX_CPU_ISA, ATen: ATEN_CPU_CAPABILITY, MKL: MKL_ENABLE_INSTRUCTIONS), emulating
+an AVX2-only CPU on one with AVX-512; rows say "[avx2 cap]". ONNX Runtime has no such cap (its MLAS
+kernels follow CPUID), so its rows are left out there; OpenVINO's oneDNN primitives honour the cap
+but its own kernels (element-wise ops, MLAS matrix products) do not, so its rows say "partial".
 
 Each row also gives the encoder's fraction of the CPU's fp32 peak (`backends.cpu_info`: threads x
 GHz x FLOP/cycle from the instruction sets; the family's ENCODER_GFLOPS per slice), and the table
@@ -31,6 +39,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 BOX = (20, 30, 60, 95)  # right lung on CTChest4, slices 10..27
+CAP_ENV = "MEDSAM_SLICER_ISA_CAP"  # set in the capped subprocess: which cap its libraries run under
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                     "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 def cpu_model() -> str:
@@ -171,12 +182,55 @@ def _bench_config(name, engine, volume, window, slices: int, start: int, repeats
 def run_benchmark(checkpoint: Optional[str] = None, model: Optional[str] = None, device: str = "auto", precisions: Optional[Sequence[str]] = None,
                   slices: int = 8, json_path: Optional[str] = None, reference: bool = True, repeats: int = 2,
                   compile: bool = False, threads: Optional[int] = None,
-                  backends: Optional[Sequence[str]] = None) -> List[Dict]:
+                  backends: Optional[Sequence[str]] = None, isa_cap: Optional[str] = None) -> List[Dict]:
     """Times the reference and the engine's configurations; returns one dict per configuration.
 
     precisions: default fp32 plus the device's reduced precision (bf16 on CUDA and bf16-capable
-    CPUs, fp16 on MPS). Ratios against ``reference-fp32`` are added as ``*_speedup``.
+    CPUs, fp16 on MPS; fp32 alone under an ISA cap). Ratios against ``reference-fp32`` are added
+    as ``*_speedup``. isa_cap: also the same rows under that cap (see the module docstring).
     """
+    options = dict(checkpoint=checkpoint, model=model, device=device, precisions=precisions, slices=slices,
+                   reference=reference, repeats=repeats, compile=compile, threads=threads, backends=backends)
+    results = _run(**options)
+    if isa_cap:
+        results += run_capped(isa_cap, **options)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def run_capped(isa: str, **options) -> List[Dict]:
+    """The benchmark's rows in a subprocess with the libraries capped to `isa` (ISA_CAPS), labelled."""
+    import tempfile
+
+    if isa not in ISA_CAPS:
+        raise ValueError(f"unknown ISA cap {isa}: use {', '.join(ISA_CAPS)}")
+    if options.get("backends") is None:
+        from . import backends as cpu_backends
+
+        options["backends"] = [b for b in cpu_backends.available_backends() if b != "torch"]
+    options["backends"] = [b for b in options["backends"] if b != "onnx"]  # ONNX Runtime cannot be capped
+    env = dict(os.environ, **ISA_CAPS[isa], **{CAP_ENV: isa})
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "capped.json")
+        code = ("import json, sys; from medsam_slicer.bench import _run; "
+                "json.dump(_run(**json.loads(sys.argv[1])), open(sys.argv[2], 'w'))")
+        subprocess.run([sys.executable, "-c", code, json.dumps(options), out], check=True, env=env)
+        with open(out) as f:
+            rows = json.load(f)
+    for row in rows:
+        partial = row.get("backend") == "openvino" or row["config"].startswith("openvino")
+        row["config"] = f"{row['config']} [{isa} cap{', partial' if partial else ''}]"
+        row["isa_cap"] = isa
+    return rows
+
+
+def _run(checkpoint: Optional[str] = None, model: Optional[str] = None, device: str = "auto",
+         precisions: Optional[Sequence[str]] = None, slices: int = 8, reference: bool = True, repeats: int = 2,
+         compile: bool = False, threads: Optional[int] = None, backends: Optional[Sequence[str]] = None) -> List[Dict]:
     import torch
 
     from .engine import MedSAMEngine, resolve_precision
@@ -185,8 +239,9 @@ def run_benchmark(checkpoint: Optional[str] = None, model: Optional[str] = None,
 
     torch.set_num_threads(int(threads or os.cpu_count() or 1))
     device = resolve_device(device)
+    cap = os.environ.get(CAP_ENV) or None
     if not precisions:
-        auto = resolve_precision("auto", device)
+        auto = "fp32" if cap else resolve_precision("auto", device)
         precisions = ["fp32"] + ([auto] if auto != "fp32" else [])
     sam, family, label = _load_model(model, checkpoint)
     volume = _sample_volume()
@@ -195,15 +250,16 @@ def run_benchmark(checkpoint: Optional[str] = None, model: Optional[str] = None,
     configs = []
     if reference:
         configs.append(("reference-fp32", dict(precision="fp32", fast=False)))
-    for p in precisions:
+    for p in [p for p in precisions if p != "int8"]:
         configs.append((f"engine-{p}" + ("-compiled" if compile else ""), dict(precision=p, fast=True, compile=compile)))
     from . import backends as cpu_backends
 
     if backends is None:
         backends = [b for b in cpu_backends.available_backends() if b != "torch"] if device == "cpu" else []
     for b in backends:
-        configs.append((f"{b}-fp32", dict(precision="fp32", fast=True, backend=b)))
-    info = cpu_backends.cpu_info(torch.get_num_threads())
+        for p in ("fp32", "int8") if "int8" in precisions else ("fp32",):
+            configs.append((f"{b}-{p}", dict(precision=p, fast=True, backend=b)))
+    info = cpu_backends.cpu_info(torch.get_num_threads(), isa_cap=cap)
     results = []
     for name, options in configs:
         try:
@@ -213,6 +269,7 @@ def run_benchmark(checkpoint: Optional[str] = None, model: Optional[str] = None,
             continue
         res = _bench_config(name, engine, volume, window, slices, start, repeats)
         res.update(model=label, cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
+                   aten_isa=torch.backends.cpu.get_cpu_capability(),
                    isa=" ".join(info["isa"]), peak_gflops=info["peak_gflops"], peak_estimate=(
                        f"{info['cores']} threads x {info['ghz']} GHz ({info['ghz_source']}) x "
                        f"{info['flop_per_cycle']} FLOP/cycle"))
@@ -230,9 +287,6 @@ def run_benchmark(checkpoint: Optional[str] = None, model: Optional[str] = None,
             for key in ("encoder_s_per_slice", "first_mask_s", "propagation_s_per_slice"):
                 if key in r:
                     r[key.split("_")[0] + "_speedup"] = round(ref[key] / r[key], 2) if r[key] else None
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2)
     return results
 
 
@@ -259,4 +313,9 @@ def format_table(results: List[Dict]) -> str:
         lines.append(f"model: {r['model']}; device {r['device']}; CPU {r['cpu']}, {r['threads']} threads; torch {r['torch']}{extra}")
         lines.append(f"CPU instruction sets: {r.get('isa') or 'none of avx2/avx512f/avx512_bf16/amx'}; fp32 peak "
                      f"~{r.get('peak_gflops')} GFLOP/s = {r.get('peak_estimate')} (an estimate)")
+        capped = next((c for c in timed if c.get("isa_cap")), None)
+        if capped:
+            lines.append(f"[{capped['isa_cap']} cap]: EMULATED on this CPU by capping the libraries (oneDNN, ATen "
+                         f"{capped.get('aten_isa')}, MKL) to {capped.get('isa')}: fp32 peak ~{capped.get('peak_gflops')} "
+                         "GFLOP/s; 'partial': OpenVINO's own kernels are not capped; ONNX Runtime cannot be capped")
     return "\n".join(lines)

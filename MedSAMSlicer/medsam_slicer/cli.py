@@ -16,6 +16,10 @@ from .models import DEFAULT_MODEL, MODEL_NAMES
 from .windowing import PRESET_NAMES
 
 EXIT_USAGE = 2
+BACKEND_CHOICES = ["auto", "torch", "onnx", "openvino"]
+BACKEND_HELP = ("image encoder engine on the CPU: auto (recommended: the fastest that passes the accuracy guard, "
+                "measured once per CPU, library versions and weights), torch (default), onnx or openvino "
+                "(medsam-slicer[cpu]; exported and checked against torch at first use)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,10 +40,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="FILE", help="weights file (.pth, .bin or .safetensors); default: the model's own")
     p.add_argument("--device", default="auto", choices=DEVICES, help="default: auto (CUDA, MPS, CPU)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="default: auto (bf16 on CUDA and bf16-capable CPUs, fp16 on MPS, else fp32)")
-    p.add_argument("--backend", default=None, choices=["auto", "torch", "onnx", "openvino"],
-                   help="image encoder engine on the CPU (default torch; onnx/openvino need medsam-slicer[cpu], run fp32, "
-                        "are checked against torch at first use; auto: the fastest that passes, measured once)")
+                   help="default: auto (bf16 on CUDA and bf16-capable CPUs, fp16 on MPS, else fp32); int8 (opt-in) "
+                        "runs on the onnx/openvino backend, refused if it fails its accuracy guard")
+    p.add_argument("--backend", default=None, choices=BACKEND_CHOICES, help=BACKEND_HELP)
     p.add_argument("--disk-cache", metavar="DIR", help="keep image embeddings in DIR across runs (or set MEDSAM_SLICER_DISK_CACHE)")
     p.add_argument("--server", metavar="URL", help="run on a remote medsam-slicer server instead of locally")
     p.add_argument("--token", help="bearer token for --server")
@@ -124,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--slices", type=int, default=8, help="slices propagated (default 8)")
     bench.add_argument("--no-reference", action="store_true", help="skip the published fp32 reference configuration")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--isa-cap", choices=["avx2"], help="also time the rows again in a subprocess capped to this "
+                       "instruction set (oneDNN, ATen, MKL; emulates an AVX2-only CPU)")
 
     serve = sub.add_parser("serve", help="run a resident MedSAM server for Slicer users")
     serve.add_argument("--host", default="127.0.0.1")
@@ -135,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve.add_argument("--device", default="auto", choices=DEVICES)
     serve.add_argument("--precision", default="auto", choices=PRECISIONS)
+    serve.add_argument("--backend", default=None, choices=BACKEND_CHOICES, help=BACKEND_HELP)
     tok = serve.add_mutually_exclusive_group()
     tok.add_argument("--token", help="bearer token clients must send (required off loopback); visible to local users "
                                      "in ps: prefer --token-file or $MEDSAM_SLICER_TOKEN")
@@ -178,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .server.serve import serve
 
             serve(host=args.host, port=args.port, models=args.model, checkpoint=args.checkpoint, device=args.device,
-                  precision=args.precision, token=args.token, token_file=args.token_file,
+                  precision=args.precision, backend=args.backend, token=args.token, token_file=args.token_file,
                   max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,
                   max_request_mb=args.max_request_mb, memory_gb=args.memory_gb,
                   limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.timeout_keep_alive,
@@ -221,7 +227,8 @@ def _bench(args) -> int:
     from .bench import format_table, run_benchmark
 
     results = run_benchmark(model=args.model, checkpoint=args.checkpoint, device=args.device, precisions=args.precisions,
-                            slices=args.slices, reference=not args.no_reference, json_path=args.json)
+                            slices=args.slices, reference=not args.no_reference, json_path=args.json,
+                            isa_cap=args.isa_cap)
     print(format_table(results))
     return 0
 

@@ -240,6 +240,7 @@ def serve(
     models=None,
     device: str = "auto",
     precision: str = "auto",
+    backend: Optional[str] = None,
     token: Optional[str] = None,
     token_file: Optional[str] = None,
     cache_mb: Optional[float] = None,
@@ -269,7 +270,7 @@ def serve(
     if engine is None:
         from ..engine import MedSAMEngine
 
-        engines = [MedSAMEngine.load(name, path, device=device, precision=precision, progress=True)
+        engines = [MedSAMEngine.load(name, path, device=device, precision=precision, progress=True, backend=backend)
                    for name, path in model_plan(models, checkpoint)]
     else:
         engines = list(engine) if isinstance(engine, (list, tuple)) else [engine]
