@@ -197,3 +197,10 @@ def test_isa_cap_drops_avx512_from_the_peak_estimate_and_labels_rows():
            "peak_gflops": 100.0, "peak_estimate": "e"}
     table = format_table([row])
     assert "[avx2 cap]: EMULATED" in table and "ONNX Runtime cannot be capped" in table
+
+
+def test_bf16_is_not_called_fast_under_an_avx2_cap(monkeypatch):
+    from medsam_slicer.engine import cpu_has_fast_bf16
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu_has_fast_bf16() is False

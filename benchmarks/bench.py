@@ -74,12 +74,21 @@ def main(argv=None):
     ap.add_argument("--backends", nargs="*", default=None,
                     help="CPU encoder backends to add (onnx openvino; default: those installed; none: --backends)")
     ap.add_argument("--isa-cap", choices=["avx2"], help="also the rows under this instruction-set cap (emulated)")
+    ap.add_argument("--capped-only", action="store_true", help="with --isa-cap: only the capped rows")
     args = ap.parse_args(argv)
 
     from medsam_slicer.bench import format_table, run_benchmark
 
     out = {}
-    if not args.skip_table:
+    if not args.skip_table and args.capped_only and args.isa_cap:
+        from medsam_slicer.bench import run_capped
+
+        results = run_capped(args.isa_cap, model=args.model, checkpoint=args.checkpoint, device=args.device,
+                             precisions=args.precisions, slices=args.slices, reference=not args.no_reference,
+                             compile=args.compile, backends=args.backends)
+        print(format_table(results), flush=True)
+        out["configs"] = results
+    elif not args.skip_table:
         results = run_benchmark(model=args.model, checkpoint=args.checkpoint, device=args.device, precisions=args.precisions,
                                 slices=args.slices, reference=not args.no_reference, compile=args.compile,
                                 backends=args.backends, isa_cap=args.isa_cap)

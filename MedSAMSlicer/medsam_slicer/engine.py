@@ -36,6 +36,13 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def cpu_has_fast_bf16() -> bool:
+    """amx_bf16 or avx512_bf16 in /proc/cpuinfo, unless oneDNN is capped below them (e.g. to emulate
+    an AVX2-only CPU with ONEDNN_MAX_CPU_ISA=AVX2)."""
+    import os
+
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap and cap not in ("ALL", "DEFAULT") and "BF16" not in cap and "AMX" not in cap:
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
