@@ -41,9 +41,9 @@ def picks(monkeypatch):
     calls = []
     real = window_choice.pick_window
 
-    def spy(session, axis, index, box, candidates=None):
+    def spy(session, axis, index, box, candidates=None, cancel=None):
         calls.append((axis, int(index), tuple(box)))
-        return real(session, axis, index, box, candidates)
+        return real(session, axis, index, box, candidates, cancel=cancel)
 
     monkeypatch.setattr(window_choice, "pick_window", spy)
     return calls

@@ -53,3 +53,22 @@ def test_each_mode_starts_from_its_seed():
     assert seed_of(Job("b", "box3d", (1, 2, 3, 4), 4, 10)) == (7, (1, 2, 3, 4))
     keys = {3: (0, 0, 5, 5), 9: (0, 0, 20, 20)}
     assert seed_of(Job("c", "keys", keys=keys, first=3, last=9)) == (9, (0, 0, 20, 20))
+
+
+def test_a_cancel_during_the_pick_stops_scoring_windows(tiny_engine, ct_array):
+    import threading
+
+    session = LocalSession(tiny_engine, ct_array, choose_window(ct_array))
+    cancel = threading.Event()
+    tried = []
+    segment = session.segment_slice
+
+    def segment_then_cancel(axis, index, box):
+        tried.append(session.window.name)
+        cancel.set()  # the user pressed cancel while the first window was being scored
+        return segment(axis, index, box)
+
+    session.segment_slice = segment_then_cancel
+    window, scores = pick_window(session, "k", 17, (40, 40, 80, 80), cancel=cancel)
+    assert tried == ["400/40"] and list(scores) == ["400/40"] and window.name == "400/40"
+    session.close()

@@ -95,13 +95,13 @@ class SessionHolder:
         self.picks: Dict[object, object] = {}  # structure -> IntensityWindow the model picked (for self.key)
         self._model_picks = None  # model_picks_window for this session and image, once computed
 
-    def get(self, provider, key, volume, spec, status=None, axis=None, seed=None):
+    def get(self, provider, key, volume, spec, status=None, axis=None, seed=None, cancel=None):
         """(session, IntensityWindow, note), the session set to that window. key: identifies the image
         and the engine settings; volume: the image as a [k, j, i] array, or None when the main thread
         believes the holder has it; spec: ``window_spec(...)``; status(text): tells the user what is
         loading (or that the model is choosing the window); axis, seed: where the job starts ((slice,
-        2D box), see job_seed), for the window the model picks. note: how the window was chosen, for
-        the status line, or None."""
+        2D box), see job_seed), for the window the model picks; cancel: the job's cancel event (a
+        cancelled pick is not remembered). note: how the window was chosen, for the status line, or None."""
         spec = tuple(spec)
         choice = spec[:3]
         structure = spec[3] if len(spec) > 3 else None
@@ -119,7 +119,7 @@ class SessionHolder:
             self.spec = choice
         window, note = self.window, None
         if choice[0] == intensity.AUTO and self.model_picks():
-            window, note = self._picked(structure, axis, seed, status)
+            window, note = self._picked(structure, axis, seed, status, cancel)
         if getattr(self.session, "window", None) != window:
             self.session.set_window(window)
         return self.session, window, note
@@ -133,7 +133,7 @@ class SessionHolder:
             self._model_picks = engine is not None and model_picks_window(engine, self.volume)
         return self._model_picks
 
-    def _picked(self, structure, axis, seed, status=None):
+    def _picked(self, structure, axis, seed, status=None, cancel=None):
         """(window, note): the structure's remembered pick, else the model's pick on the seed."""
         picked = self.picks.get(structure) if structure is not None else None
         if picked is not None:
@@ -145,7 +145,9 @@ class SessionHolder:
         index, box = seed
         if status is not None:
             status(f"choosing the window for this segment on slice {index} ({len(CANDIDATES)} candidates)...")
-        picked, _ = pick_window(self.session, axis, int(index), tuple(int(v) for v in box))
+        picked, scores = pick_window(self.session, axis, int(index), tuple(int(v) for v in box), cancel=cancel)
+        if len(scores) < len(CANDIDATES):  # cancelled part way: not a pick to remember
+            return picked, None
         if structure is not None:
             self.picks[structure] = picked
         return picked, f"picked by the model on slice {index}"
@@ -169,6 +171,7 @@ def _status(job):
 def slice_job(job, holder, provider, key, volume, spec, axis, index, box):
     """One box on one slice."""
     session, window, note = holder.get(provider, key, volume, spec, status=_status(job), axis=axis,
+                                       cancel=getattr(job, "cancel_event", None),
                                        seed=job_seed("slice", (index, box)))
     if job.cancelled:
         return {"masks": {}, "score": None, "window": window, "window_note": note, "cancelled": True}
@@ -195,6 +198,7 @@ def volume_job(job, holder, provider, key, volume, spec, kind, axis, args, max_s
     last), "keys" ({index: box},), "repropagate" (masks, corrected_index, corrected_mask, seed_index).
     """
     session, window, note = holder.get(provider, key, volume, spec, status=_status(job), axis=axis,
+                                       cancel=getattr(job, "cancel_event", None),
                                        seed=job_seed(kind, args))
 
     def progress(index, mask, done, total):

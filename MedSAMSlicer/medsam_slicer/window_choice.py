@@ -52,14 +52,17 @@ def seed_of(job) -> Tuple[int, Tuple[int, int, int, int]]:
     return int(job.first), tuple(job.box2d)
 
 
-def pick_window(session, axis: str, index: int, box, candidates: Optional[Sequence[Tuple[float, float]]] = None
-                ) -> Tuple[IntensityWindow, Dict[str, float]]:
+def pick_window(session, axis: str, index: int, box, candidates: Optional[Sequence[Tuple[float, float]]] = None,
+                cancel=None) -> Tuple[IntensityWindow, Dict[str, float]]:
     """Sets, and returns, the candidate window whose seed-slice mask the model scores highest (the
     first candidate, the training window, unless another leads by TIE_MARGIN); also the score per
-    window ("W/L" -> score)."""
+    window ("W/L" -> score). cancel (an Event or a callable): checked before each candidate; once
+    set, the pick is made among the candidates scored so far (scores then lists fewer windows)."""
     scores: Dict[str, float] = {}
     windows = []
     for width, level in candidates or CANDIDATES:
+        if windows and cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+            break
         window = from_width_level(width, level, f"{width:g}/{level:g}")
         session.set_window(window)
         _, score = session.segment_slice(axis, index, box)
