@@ -387,7 +387,36 @@ def test_mode_b_box3d_on_ct_lung(segments):
     assert oracle.requests[0] == ((first + last) // 2, roi)
     assert all(first <= i <= last for i, _ in oracle.requests)
     assert all(x0 >= roi[0] and y0 >= roi[1] and x1 <= roi[2] and y1 <= roi[3] for _, (x0, y0, x1, y1) in oracle.requests)
-    assert max(oracle.calls.values()) == 1
+    # each slice: the propagated box and, for drift, the extent; no (slice, box) is asked twice
+    assert max(oracle.calls.values()) == 2 and len(set(oracle.requests)) == len(oracle.requests)
+    assert {box for index, box in oracle.requests if oracle.calls[index] == 2} >= {roi}
+
+
+class DriftingModel(Oracle):
+    """An oracle that, prompted with anything but the 3D box's extent on slices past `drift_from`,
+    answers a neighbour (the truth shifted sideways) with a lower score, as a real model that slid
+    onto the next organ does; the extent prompt still finds the structure with a high score."""
+
+    def __init__(self, truth, roi, drift_from: int):
+        super().__init__(truth)
+        self.roi, self.drift_from = tuple(roi), drift_from
+
+    def __call__(self, index, box):
+        mask, _ = super().__call__(index, box)
+        if tuple(int(v) for v in box) == self.roi or index < self.drift_from:
+            return mask, 0.95
+        return np.roll(mask, 12, axis=1), 0.6
+
+
+def test_mode_b_finds_its_way_back_when_the_extent_scores_clearly_higher():
+    truth = sphere()
+    first, last = extent(truth)
+    roi = mask_bbox(truth.any(axis=0))
+    drift_from = (first + last) // 2 + 2
+    recovered = segment_box3d(DriftingModel(truth, roi, drift_from), roi, first, last, clip_to_box=False)
+    followed = segment_box3d(DriftingModel(truth, roi, drift_from), roi, first, last, clip_to_box=False, recover=False)
+    assert dice(recovered.volume("k", truth.shape), truth) >= 0.97
+    assert dice(followed.volume("k", truth.shape), truth) < 0.9  # without recovery the drift stays
 
 
 def test_mode_b_empty_mask_falls_back_to_box_extent():
@@ -397,8 +426,10 @@ def test_mode_b_empty_mask_falls_back_to_box_extent():
     result = segment_box3d(oracle, roi, 10, 30, start=20)
     assert sorted(result.masks) == list(range(10, 31))
     assert not result.masks[23].any()
-    requested = dict(oracle.requests)
-    assert requested[24] == roi  # fallback after the empty slice
+    requested = {}
+    for index, box in oracle.requests:
+        requested.setdefault(index, box)  # the prompt a slice was asked with first
+    assert requested[24] == roi and oracle.calls[24] == 1  # fallback after the empty slice
     assert requested[28] != roi and requested[12] != roi  # elsewhere: the previous mask + margin
     assert result.masks[25].sum() == truth[25].sum()
     assert dice(result.volume("k", truth.shape), truth) > 0.95

@@ -53,6 +53,16 @@ DEFAULT_MARGIN_1024 = 10.0
 # leaked slice (liver, abdomen). 0.5 sits in that gap and still means "half the mask is other tissue".
 DEFAULT_MIN_APPEARANCE = 0.5
 
+# DRIFT_EVIDENCE. Mode b's propagated prompt can slide onto a neighbour and stay there (the issue's
+# stomach: 0.14 where the official baseline got 0.73 by luck). With real weights (LiteMedSAM, 21
+# structures: the CT sample, pyradiomics' tumours, the Colin27 MR regions; benchmarks/
+# accuracy_eval.py), also prompting each slice with the 3D box's extent and keeping that mask when
+# its score leads by 0.1 raised mean mode b Dice 0.565 -> 0.610 (official baseline 0.549): brain MR
+# tumour 0.355 -> 0.745, body outline 0.156 -> 0.527; costs of up to 0.025 on 3 structures (right
+# lung 0.846 -> 0.834). A lead of 0 or 0.05 (the scores of close prompts differ by a few hundredths)
+# swapped in large wrong extent masks at the lungs' bases (right lung 0.78-0.80).
+DRIFT_SCORE_LEAD = 0.1
+
 # Slices handed to `predictor.prefetch` at a time in open-ended growth (mode a). Ranges that will
 # be segmented in full (modes b, c) are prefetched in chunks of the same size.
 DEFAULT_LOOKAHEAD = 4
@@ -498,15 +508,17 @@ def segment_box3d(
     clip_to_box: bool = True,
     lookahead: int = DEFAULT_LOOKAHEAD,
     min_appearance: Optional[float] = DEFAULT_MIN_APPEARANCE,
+    recover: bool = True,
 ) -> PropagationResult:
     """Segments every slice from `first` to `last` (inclusive) of a 3D box whose in-plane extent is
-    `box2d`. Drift: when a propagated mask no longer looks like the start slice's (share of its
-    pixels in the start mask's intensity range under `min_appearance`, see StopRules; needs
-    `predictor.image`), the slice is prompted again with the full extent, and that mask replaces it
-    when it passes the same test (it then counts as an anchor), so a run that slid onto a neighbour
-    finds its way back instead of following it. When both fail (a structure's partial-volume end:
-    on the CT sample's lung bases the extent prompt then returned large wrong masks, mode b Dice
-    0.902 -> 0.875), the propagated mask is kept as before. Starts at `start` (default: the middle slice, where the box's extent most likely fits
+    `box2d`. Drift (with `recover`): every propagated slice is also prompted with the full extent
+    (a decoder call; the embedding is shared), and that mask replaces the propagated one (and counts
+    as an anchor) when the model scores it higher by DRIFT_SCORE_LEAD, or when the propagated mask
+    no longer looks like the start slice's (share of its pixels in the start mask's intensity range
+    under `min_appearance`, see StopRules; needs `predictor.image`) and the extent's mask does, so a
+    run that slid onto a neighbour finds its way back instead of following it. Otherwise the
+    propagated mask is kept (at a structure's partial-volume end the extent prompt returns large
+    wrong masks). Starts at `start` (default: the middle slice, where the box's extent most likely fits
     the structure, as in the LiteMedSAM baseline) prompted with the full extent, then goes up to
     `last` and down to `first`, each slice prompted with the previous mask's box plus margin,
     intersected with the extent. An empty mask does not stop: the next slice falls back to the full
@@ -529,19 +541,22 @@ def segment_box3d(
 
     look: List[Optional[Appearance]] = [None]
 
-    def predict(index: int, box: Box2D) -> np.ndarray:
-        mask, _ = run.predict(index, box)
-        return mask & clip if clip_to_box else mask
+    def predict(index: int, box: Box2D):
+        mask, score = run.predict(index, box)
+        return (mask & clip if clip_to_box else mask), score
+
+    def drifted(index: int, mask: np.ndarray) -> bool:
+        return look[0] is not None and mask.any() and look[0].share(run.image(index), mask) < min_appearance
 
     def segment(index: int, box: Box2D) -> np.ndarray:
-        mask = predict(index, box)
-        if look[0] is not None and box != roi and mask.any():
-            share = look[0].share(run.image(index), mask)
-            if share < min_appearance:
-                again = predict(index, roi)
-                if again.any() and look[0].share(run.image(index), again) >= min_appearance:
-                    mask = again
-                    run.anchors.add(index)
+        mask, score = predict(index, box)
+        if box != roi and recover:
+            again, again_score = predict(index, roi)
+            scored_better = score is not None and again_score is not None and again_score > score + DRIFT_SCORE_LEAD
+            looks_better = drifted(index, mask) and again.any() and not drifted(index, again)
+            if again.any() and (scored_better or looks_better):
+                mask = again
+                run.anchors.add(index)
         run.finish(index, mask)
         return mask
 
@@ -549,7 +564,8 @@ def segment_box3d(
     if run.cancelled():
         return run.result(reasons, keep_largest)
     run.prefetch(_around(start, first, last, run.lookahead))
-    seed = segment(start, roi)
+    seed, _ = predict(start, roi)
+    run.finish(start, seed)
     run.anchors.add(start)
     if min_appearance is not None and seed.any() and run.image(start) is not None:
         look[0] = Appearance(run.image(start), seed)
