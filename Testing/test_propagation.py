@@ -222,8 +222,18 @@ def test_stop_low_score():
     result = propagate_from_slice(pred, 4, seed_box=(14, 14, 26, 26), rules=StopRules(min_score=0.5))
     assert result.stop_reasons == {"up": "low score 0.31 at slice 7", "down": "volume edge"}
     assert sorted(result.masks) == list(range(0, 7))
-    # off by default: the score alone never stops
+    # by default a score under 0.7 of the seed's stops (the slice is dropped); an absolute floor is off
+    result = propagate_from_slice(pred, 4, seed_box=(14, 14, 26, 26))
+    assert result.stop_reasons["up"] == "score fell to 0.34 of the seed's at slice 7" and max(result.masks) == 6
+    rules = StopRules(min_score_ratio=None)
+    assert propagate_from_slice(pred, 4, seed_box=(14, 14, 26, 26), rules=rules).stop_reasons["up"] == "volume edge"
+    # a model whose score was never measured against the truth gets no say
+    pred.score_ranks_quality = False
     assert propagate_from_slice(pred, 4, seed_box=(14, 14, 26, 26)).stop_reasons["up"] == "volume edge"
+    # a seed given as a mask has no score to compare with
+    pred.score_ranks_quality = True
+    seeded = propagate_from_slice(pred, 4, seed_mask=masks[4])
+    assert seeded.stop_reasons["up"] == "volume edge"
 
 
 def test_stop_volume_edge_and_max_slices():

@@ -163,7 +163,7 @@ class ScoredSession(OracleSession):
 
     def __init__(self, provider, volume, window, picks_window=True):
         super().__init__(provider, volume, window)
-        self.engine = types.SimpleNamespace(family=types.SimpleNamespace(SCORE_PICKS_WINDOW=picks_window))
+        self.engine = types.SimpleNamespace(family=types.SimpleNamespace(SCORE_RANKS_QUALITY=picks_window))
 
     def segment_slice(self, axis, index, box):
         mask, _ = super().segment_slice(axis, index, box)

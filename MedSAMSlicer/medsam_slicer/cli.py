@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--min-appearance", type=float, metavar="F",
                      help="stop rule: share of the new mask's pixels inside the seed's intensity range below F "
                           "ends growth (default 0.5; 0 switches it off)")
+    seg.add_argument("--min-score-ratio", type=float, metavar="F",
+                     help="stop rule: the model's score on a new slice below F times the seed slice's ends growth "
+                          "(default 0.7, LiteMedSAM only; 0 switches it off)")
     seg.add_argument("--no-largest-component", action="store_true", help="keep every 3D component, not only the largest")
     seg.add_argument("--fill-holes", action="store_true", help="fill holes slice by slice")
     seg.add_argument("--probabilities", metavar="FILE", help="also write the foreground probability (float32)")

@@ -60,6 +60,11 @@ class SlicePredictor:
         """The model's default propagation margin in this axis's slice pixels, (x, y)."""
         return self.engine.default_margin(self.slice_shape)
 
+    @property
+    def score_ranks_quality(self) -> bool:
+        """Was the model's quality score measured to rank masks (its family's SCORE_RANKS_QUALITY)?"""
+        return bool(getattr(getattr(self.engine, "family", None), "SCORE_RANKS_QUALITY", False))
+
     def image(self, index: int) -> np.ndarray:
         if not 0 <= index < self.n_slices:
             raise InputError(f"slice {index} is outside the volume (0..{self.n_slices - 1} along {self.axis})")

@@ -18,7 +18,7 @@ TIE_MARGIN: scores of near-identical windows differ by up to ~0.02 (1000/-500 vs
 lungs), so a smaller lead is noise, and abdominal organs, for which MedSAM was trained on 400/40,
 keep it unless the evidence is clear.
 
-Only for models whose score was measured to rank windows (the family's `SCORE_PICKS_WINDOW`): ViT-B's
+Only for models whose score was measured to rank windows (the family's `SCORE_RANKS_QUALITY`): ViT-B's
 IoU head has not been measured on real weights here, so it keeps the training window. Non-CT data
 (MR and others) keep their percentile window. Works with any session that has `set_window` and
 `segment_slice` (local or remote).
@@ -39,7 +39,7 @@ TIE_MARGIN = 0.03
 
 def model_picks_window(engine, volume: np.ndarray) -> bool:
     family = getattr(engine, "family", None)
-    return bool(getattr(family, "SCORE_PICKS_WINDOW", False)) and volume.ndim == 3 and looks_like_hounsfield(volume)
+    return bool(getattr(family, "SCORE_RANKS_QUALITY", False)) and volume.ndim == 3 and looks_like_hounsfield(volume)
 
 
 def seed_of(job) -> Tuple[int, Tuple[int, int, int, int]]:

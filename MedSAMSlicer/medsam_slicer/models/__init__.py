@@ -35,7 +35,7 @@ FAMILY_API = (
     "INPUT_SIZE",       # the square model input, pixels
     "DEFAULT_MARGIN",   # propagation margin in pixels at INPUT_SIZE scale
     "ENCODER_GFLOPS",   # image encoder cost per slice (benchmarks' fraction of peak)
-    "SCORE_PICKS_WINDOW",  # does its quality score rank CT windows (measured)? see window_choice.py
+    "SCORE_RANKS_QUALITY",  # was its quality score measured to rank masks? (window_choice, score-ratio stop)
     "matches",          # matches(state_dict) -> bool: do these tensors belong to this family?
     "build",            # build(state_dict, label) -> (module with image_encoder/prompt_encoder/mask_decoder, arch name)
     "prepare_encoder",  # prepare_encoder(module, dtype, device, compile) -> f(x, interrupt=None) -> embedding

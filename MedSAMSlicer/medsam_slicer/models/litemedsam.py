@@ -28,8 +28,9 @@ ENCODER_GFLOPS = 75.0  # about 75 GFLOPs per 256 x 256 slice (TinyViT with a 64 
 DEFAULT_MARGIN = 3.0
 
 # Its IoU head ranks CT windows by their true Dice (window_choice.py has the evidence), so the
-# automatic CT window is the one it scores best on each structure's seed slice.
-SCORE_PICKS_WINDOW = True
+# automatic CT window is the one it scores best on each structure's seed slice, and growth stops
+# where its score falls well below the seed's (propagation.DEFAULT_MIN_SCORE_RATIO).
+SCORE_RANKS_QUALITY = True
 
 FILENAME = "lite_medsam.pth"
 SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"

@@ -27,8 +27,8 @@ INPUT_SIZE = 1024
 ENCODER_GFLOPS = 972.0  # 486 GMAC per 1024 x 1024 slice (ViT-B), for benchmarks' fraction of peak
 DEFAULT_MARGIN = 10.0
 # Its IoU head has not been measured against true Dice on real weights: the automatic CT window
-# stays MedSAM's training window (window_choice.py).
-SCORE_PICKS_WINDOW = False
+# stays MedSAM's training window (window_choice.py) and the score-ratio stop rule is off.
+SCORE_RANKS_QUALITY = False
 
 # (embed dim, depth, heads, global-attention blocks) of segment-anything's named builders.
 NAMED_ARCHITECTURES = {
