@@ -39,6 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "MedSAMSlicer"))
 
+from medsam_slicer.bench import cpu_model  # noqa: E402
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -116,19 +118,6 @@ class Background(threading.Thread):
             self.error = f"{type(exc).__name__}: {exc}"
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def large_body(masks: int = 65536, size: int = 128) -> bytes:
     """A repropagate body of `masks` full masks of size x size over slices 0..9, refused for its
     margin only after every mask is decoded."""
@@ -198,7 +187,7 @@ def run_large_body(url: str, token: Optional[str], body: bytes, seconds: float, 
 
 def large_body_table(url: str, token: Optional[str], seconds: float, masks: int) -> List[Dict[str, object]]:
     body = large_body(masks)
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); large body: {len(body) / 1e6:.1f} MB, {masks} masks "
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); large body: {len(body) / 1e6:.1f} MB, {masks} masks "
           f"of 128x128; {seconds:.0f} s per row", flush=True)
     rows = [run_large_body(url, token, body, seconds, with_body) for with_body in (False, True)]
     print()
@@ -325,7 +314,7 @@ def main(argv=None) -> int:
                 print(f"error: {e}", file=sys.stderr)
             if args.json:
                 with open(args.json, "w") as f:
-                    json.dump({"server": info, "cpu": cpu_name(), "large_body": rows}, f, indent=2)
+                    json.dump({"server": info, "cpu": cpu_model(), "large_body": rows}, f, indent=2)
             return 1 if errors else 0
         volume = _load_volume(args.volume)
         if args.slices:
