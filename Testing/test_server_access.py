@@ -231,3 +231,33 @@ def test_the_connection_settings_reach_uvicorn():
     assert config.limit_concurrency == 7 and config.timeout_keep_alive == 2
     with pytest.raises(InputError, match="--header-timeout must be a positive number"):
         uvicorn_config(object(), "127.0.0.1", 8765, header_timeout=-1)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan that exited may wait for a reaper that never comes)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_body_parsers_end_when_a_killed_server_cannot_stop_them():
+    import subprocess
+    import sys
+
+    script = ("import time; from medsam_slicer.server.bodies import Parsers\n"
+              "p = Parsers(); p.warm(); time.sleep(1.0)\n"
+              "print(' '.join(str(pid) for pid in p._pool._processes), flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(v) for v in proc.stdout.readline().split()]
+        assert pids and all(_running(pid) for pid in pids)
+    finally:
+        proc.kill()  # as the kernel's OOM killer or `kill -9` would: no shutdown code runs
+        proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.5)
+    assert not any(_running(pid) for pid in pids)

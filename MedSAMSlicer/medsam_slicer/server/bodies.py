@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -151,11 +152,20 @@ def _ready() -> bool:
 
 
 def _worker_start() -> None:
-    """A parser process yields the CPU to the model's work (and the server's own threads)."""
+    """A parser process yields the CPU to the model's work (and the server's own threads), and ends
+    when the server is gone (a killed server cannot shut its pool down: its parsers would linger)."""
     try:
         os.nice(10)
     except (AttributeError, OSError):  # pragma: no cover - not on this system
         pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class Parsers:
