@@ -140,6 +140,9 @@ def test_propagation_through_prefetching_predictor_matches_plain(tiny_engine, ct
     expected = propagate_from_slice(plain, 17, seed_box=BOX, direction="both")
     fresh = SlicePredictor(tiny_engine, ct_array, window, "k", cache=None, key="other-volume-key")
     with PrefetchingPredictor(fresh) as wrapped:
+        # the model's own margin and whether its score may stop growth pass through the wrapper
+        assert wrapped.default_margin == fresh.default_margin
+        assert wrapped.score_ranks_quality is fresh.score_ranks_quality is False  # ViT-B: unmeasured
         got = propagate_from_slice(wrapped, 17, seed_box=BOX, direction="both")
         assert wrapped.prefetcher.wait_idle(60)
     assert sorted(got.masks) == sorted(expected.masks)

@@ -219,6 +219,7 @@ def test_stop_low_score():
     scores = {i: 0.9 for i in range(10)}
     scores[7] = 0.31
     pred = Scripted(masks, shape, 10, scores)
+    pred.score_ranks_quality = True  # as LiteMedSAM's predictor says (its score was measured)
     result = propagate_from_slice(pred, 4, seed_box=(14, 14, 26, 26), rules=StopRules(min_score=0.5))
     assert result.stop_reasons == {"up": "low score 0.31 at slice 7", "down": "volume edge"}
     assert sorted(result.masks) == list(range(0, 7))
@@ -227,8 +228,10 @@ def test_stop_low_score():
     assert result.stop_reasons["up"] == "score fell to 0.34 of the seed's at slice 7" and max(result.masks) == 6
     rules = StopRules(min_score_ratio=None)
     assert propagate_from_slice(pred, 4, seed_box=(14, 14, 26, 26), rules=rules).stop_reasons["up"] == "volume edge"
-    # a model whose score was never measured against the truth gets no say
+    # a model whose score was never measured against the truth gets no say (nor one that does not tell)
     pred.score_ranks_quality = False
+    assert propagate_from_slice(pred, 4, seed_box=(14, 14, 26, 26)).stop_reasons["up"] == "volume edge"
+    del pred.score_ranks_quality
     assert propagate_from_slice(pred, 4, seed_box=(14, 14, 26, 26)).stop_reasons["up"] == "volume edge"
     # a seed given as a mask has no score to compare with
     pred.score_ranks_quality = True

@@ -217,6 +217,14 @@ class PrefetchingPredictor:
     def window(self):
         return self.predictor.window
 
+    @property
+    def default_margin(self) -> Tuple[int, int]:
+        return self.predictor.default_margin
+
+    @property
+    def score_ranks_quality(self) -> bool:
+        return self.predictor.score_ranks_quality
+
     def image(self, index: int) -> np.ndarray:
         return self.predictor.image(index)
 

@@ -75,8 +75,8 @@ DRIFT_SCORE_LEAD = 0.1
 # 0 -> -3), lungs and bone unchanged. True slices scored 0.72-1.07 of their seed (the lowest a
 # partial-volume end slice), the first slice past a tumour 0.47-1.03: a ratio, not an absolute
 # score, because scores differ per structure (0.80-0.94 on the seeds). Only for models whose score
-# was measured to rank masks (the family's SCORE_RANKS_QUALITY; predictors without that attribute,
-# such as oracles, count as measured).
+# was measured to rank masks (the predictor's `score_ranks_quality`, from the family's
+# SCORE_RANKS_QUALITY; predictors without it, such as oracles, count as unmeasured).
 DEFAULT_MIN_SCORE_RATIO = 0.7
 
 # Slices handed to `predictor.prefetch` at a time in open-ended growth (mode a). Ranges that will
@@ -504,7 +504,7 @@ def propagate_from_slice(
             return run.result({name: CANCELLED for name in names}, keep_largest)
         run.prefetch([seed] + [seed + (1 if n == "up" else -1) * k for n in names for k in range(1, run.lookahead)])
         mask, seed_score = run.predict(seed, box)
-        if not getattr(predictor, "score_ranks_quality", True):
+        if not getattr(predictor, "score_ranks_quality", False):
             seed_score = None  # an unmeasured score is no evidence for stopping
         if not mask.any():
             return run.result({name: f"empty mask at slice {seed}" for name in names}, keep_largest)
