@@ -43,8 +43,16 @@ def _raw(port: int, request: bytes, timeout: float = 10.0) -> bytes:
             if not chunk:
                 return reply
             reply += chunk
-            if b"\r\n\r\n" in reply and b"connection: close" in reply.lower():
-                return reply
+            head, sep, body = reply.partition(b"\r\n\r\n")
+            if sep and b"connection: close" in head.lower() and len(body) >= _content_length(head):
+                return reply  # the whole reply (its body may come in a later packet)
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.lower().split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
 
 
 def _status(reply: bytes) -> int:

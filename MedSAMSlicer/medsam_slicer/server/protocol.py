@@ -39,7 +39,7 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 JOB_OPTIONS = {
     "propagate": ("propagate_from_slice", ("direction", "rules", "margin", "keep_largest", "fill_holes", "lookahead")),
     "box3d": ("segment_box3d", ("start", "margin", "keep_largest", "fill_holes", "clip_to_box", "min_appearance",
-                                "lookahead")),
+                                "recover", "lookahead")),
     "key-slices": ("segment_key_slices", ("margin", "keep_largest", "fill_holes", "combine", "gap_fill", "lookahead")),
     "repropagate": ("repropagate", ("rules", "margin", "keep_largest", "fill_holes", "lookahead")),
 }

@@ -157,6 +157,7 @@ class Box3DRequest(_JobOptions):
     start: Optional[int] = _option("box3d", "start", "slice to start from (None: the middle)")
     clip_to_box: Optional[bool] = _option("box3d", "clip_to_box")
     min_appearance: Optional[float] = _option("box3d", "min_appearance", "re-prompt with the 3D box below this share")
+    recover: Optional[bool] = _option("box3d", "recover", "also prompt each slice with the 3D box; keep it when it scores clearly higher")
 
 
 class KeyBox(_Strict):
