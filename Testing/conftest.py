@@ -58,3 +58,14 @@ def tiny_engine(tiny_checkpoint):
     from medsam_slicer.engine import MedSAMEngine
 
     return MedSAMEngine.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def backend_cache(tmp_path_factory):
+    """A cache folder for exported backends, one per test module: each export is made once there."""
+    from medsam_slicer import backends
+
+    folder = tmp_path_factory.mktemp("backends")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(backends.CACHE_ENV, str(folder))
+        yield folder

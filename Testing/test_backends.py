@@ -20,15 +20,6 @@ RUNTIMES = [pytest.param(b, marks=pytest.mark.skipif(not backends.available(b), 
 
 
 @pytest.fixture(scope="module")
-def backend_cache(tmp_path_factory):
-    """One cache folder for the module: the tiny model is exported once per backend."""
-    folder = tmp_path_factory.mktemp("backends")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(backends.CACHE_ENV, str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
 def tiny_sam():
     return build_random_sam()
 

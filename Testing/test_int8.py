@@ -21,14 +21,6 @@ from model_factory import build_random_sam  # noqa: E402
 pytestmark = pytest.mark.skipif(not backends.available("onnx", "int8"), reason="onnxruntime / onnx exporter not installed")
 
 
-@pytest.fixture(scope="module")
-def int8_cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("int8")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(backends.CACHE_ENV, str(folder))
-        yield folder
-
-
 def test_int8_needs_an_exported_backend():
     with pytest.raises(MedSAMError, match="int8 runs on an exported backend") as info:
         MedSAMEngine(build_random_sam(), "cpu", "int8", backend="torch")
@@ -39,7 +31,7 @@ def test_int8_needs_an_exported_backend():
     assert args.precision == "int8"
 
 
-def test_litemedsam_int8_passes_the_guard_or_is_refused_cleanly(int8_cache, ct_array):
+def test_litemedsam_int8_passes_the_guard_or_is_refused_cleanly(backend_cache, ct_array):
     from medsam_slicer.models.litemedsam import package_asset
 
     path = package_asset()
@@ -75,7 +67,7 @@ def test_litemedsam_int8_passes_the_guard_or_is_refused_cleanly(int8_cache, ct_a
         assert again.backend == "onnx" and again.precision == "int8"
 
 
-def test_failing_guard_refuses_int8_in_one_line_and_remembers(int8_cache, monkeypatch):
+def test_failing_guard_refuses_int8_in_one_line_and_remembers(backend_cache, monkeypatch):
     sam = build_random_sam()
     monkeypatch.setattr(backends, "INT8_MIN_AGREEMENT", 1.01)  # no model can pass
     with pytest.raises(backends.BackendError) as info:
@@ -83,7 +75,7 @@ def test_failing_guard_refuses_int8_in_one_line_and_remembers(int8_cache, monkey
     message = str(info.value)
     assert "\n" not in message and message.startswith("int8 refused on backend onnx")
     assert "mask agreement" in message and "2D Dice drop" in message and "--precision fp32" in message
-    verdicts = [json.loads(p.read_text()) for p in int8_cache.glob("medsam-onnx-int8-*/verdict.json")]
+    verdicts = [json.loads(p.read_text()) for p in backend_cache.glob("medsam-onnx-int8-*/verdict.json")]
     assert len(verdicts) == 1 and verdicts[0]["passed"] is False
     # The refusal is cached: the next load refuses at once with the same numbers.
     monkeypatch.setattr(backends, "int8_guard", lambda *a, **k: pytest.fail("judged again"))
