@@ -196,40 +196,13 @@ class PrefetchingPredictor:
         self.predictor = predictor
         self.prefetcher = Prefetcher(predictor, batch_size)
 
-    # the SlicePredictor interface
-    @property
-    def n_slices(self) -> int:
-        return self.predictor.n_slices
-
-    @property
-    def slice_shape(self) -> Tuple[int, int]:
-        return self.predictor.slice_shape
-
-    @property
-    def encoded(self) -> int:
-        return self.predictor.encoded
-
-    @property
-    def engine(self):
-        return self.predictor.engine
-
-    @property
-    def window(self):
-        return self.predictor.window
-
-    @property
-    def default_margin(self) -> Tuple[int, int]:
-        return self.predictor.default_margin
-
-    @property
-    def score_ranks_quality(self) -> bool:
-        return self.predictor.score_ranks_quality
-
-    def image(self, index: int) -> np.ndarray:
-        return self.predictor.image(index)
-
-    def is_cached(self, index: int) -> bool:
-        return self.predictor.is_cached(index)
+    def __getattr__(self, name: str):
+        # the rest of the SlicePredictor interface (n_slices, slice_shape, engine, window, image,
+        # default_margin, score_ranks_quality, ...) is the wrapped predictor's own: forwarded, so a
+        # property added there is never missing here
+        if name in ("predictor", "prefetcher"):  # not set yet (during __init__ or unpickling)
+            raise AttributeError(name)
+        return getattr(self.predictor, name)
 
     def embedding(self, index: int):
         if not 0 <= index < self.n_slices:
