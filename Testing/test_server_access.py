@@ -89,6 +89,9 @@ def test_each_request_gets_one_access_line_with_the_tokens_name_not_its_value(na
     assert requests.get(f"{named.url}/v1/health", timeout=10).status_code == 200
     _wait_for(lambda: len(_access_lines(named)) >= before + 4, what="four access lines")
     lines = _access_lines(named)[before:]
+    # the start-up's own health polls may still reach the log after `before` was counted
+    while len(lines) > 4 and " GET /v1/health " in lines[0]:
+        lines.pop(0)
     assert len(lines) == 4, lines
     assert " alice GET /v1/info 200 " in lines[0] and lines[0].rstrip().endswith(" ms")
     assert " token2 GET /v1/info 200 " in lines[1]
