@@ -240,7 +240,8 @@ def _centroid(mask: np.ndarray) -> Tuple[float, float]:
 # one run: the predictor, de-duplicated calls, prefetch, progress, cancel
 
 
-def _is_cancelled(cancel) -> bool:
+def is_cancelled(cancel) -> bool:
+    """Has `cancel` (a threading.Event, a callable returning bool, or None) been set?"""
     if cancel is None:
         return False
     is_set = getattr(cancel, "is_set", None)
@@ -278,7 +279,7 @@ class _Run:
         return _margin(margin, self.shape)
 
     def cancelled(self) -> bool:
-        if not self.was_cancelled and _is_cancelled(self.cancel):
+        if not self.was_cancelled and is_cancelled(self.cancel):
             self.was_cancelled = True
         return self.was_cancelled
 

@@ -29,6 +29,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .propagation import is_cancelled
 from .windowing import IntensityWindow, from_width_level, looks_like_hounsfield
 
 # (width, level): MedSAM's training window first (it wins ties), then lung, air-heavy, wide, bone and
@@ -61,7 +62,7 @@ def pick_window(session, axis: str, index: int, box, candidates: Optional[Sequen
     scores: Dict[str, float] = {}
     windows = []
     for width, level in candidates or CANDIDATES:
-        if windows and cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+        if windows and is_cancelled(cancel):
             break
         window = from_width_level(width, level, f"{width:g}/{level:g}")
         session.set_window(window)
