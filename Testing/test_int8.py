@@ -46,8 +46,8 @@ def test_litemedsam_int8_passes_the_guard_or_is_refused_cleanly(backend_cache, c
         return
     report = engine._encoder.report
     assert engine.precision == "int8" and engine.model_id.endswith(":int8:onnx")
-    assert report["passed"] and report["agreement"] >= backends.INT8_MIN_AGREEMENT
-    assert report["dice_drop"] <= backends.INT8_MAX_DICE_DROP
+    assert report["passed"] and report["agreement"] >= backends.REDUCED_MIN_AGREEMENT
+    assert report["dice_drop"] <= backends.REDUCED_MAX_DICE_DROP
     assert set(report["dice_drops"]) == {name for name, _ in backends.GUARD_STRUCTURES}
 
     # It agrees with fp32 on a slice it was neither calibrated nor judged on.
@@ -57,19 +57,19 @@ def test_litemedsam_int8_passes_the_guard_or_is_refused_cleanly(backend_cache, c
     prob, _ = engine.segment(grey, boxes)
     prob_ref, _ = reference.segment(grey, boxes)
     sure = (prob_ref < 0.45) | (prob_ref > 0.55)
-    assert ((prob > 0.5) == (prob_ref > 0.5))[sure].mean() >= backends.INT8_MIN_AGREEMENT
+    assert ((prob > 0.5) == (prob_ref > 0.5))[sure].mean() >= backends.REDUCED_MIN_AGREEMENT
 
     # Cached: a second load neither quantises nor judges again.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(backends, "quantize_int8", lambda *a, **k: pytest.fail("quantised again"))
-        patch.setattr(backends, "int8_guard", lambda *a, **k: pytest.fail("judged again"))
+        patch.setattr(backends, "reduced_guard", lambda *a, **k: pytest.fail("judged again"))
         again = MedSAMEngine.from_checkpoint(path, device="cpu", precision="int8", model="litemedsam", backend="onnx")
         assert again.backend == "onnx" and again.precision == "int8"
 
 
 def test_failing_guard_refuses_int8_in_one_line_and_remembers(backend_cache, monkeypatch):
     sam = build_random_sam()
-    monkeypatch.setattr(backends, "INT8_MIN_AGREEMENT", 1.01)  # no model can pass
+    monkeypatch.setattr(backends, "REDUCED_MIN_AGREEMENT", 1.01)  # no model can pass
     with pytest.raises(backends.BackendError) as info:
         MedSAMEngine(sam, "cpu", "int8", model_id="tiny", backend="onnx")
     message = str(info.value)
@@ -78,7 +78,7 @@ def test_failing_guard_refuses_int8_in_one_line_and_remembers(backend_cache, mon
     verdicts = [json.loads(p.read_text()) for p in backend_cache.glob("medsam-onnx-int8-*/verdict.json")]
     assert len(verdicts) == 1 and verdicts[0]["passed"] is False
     # The refusal is cached: the next load refuses at once with the same numbers.
-    monkeypatch.setattr(backends, "int8_guard", lambda *a, **k: pytest.fail("judged again"))
+    monkeypatch.setattr(backends, "reduced_guard", lambda *a, **k: pytest.fail("judged again"))
     with pytest.raises(backends.BackendError, match="int8 refused on backend onnx"):
         MedSAMEngine(sam, "cpu", "int8", model_id="tiny", backend="onnx")
     # auto over the int8 backends refuses too (never falls back silently to another precision)

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from .backends import cpu_has_fast_bf16
 from .model import load_model, resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -35,22 +36,6 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def cpu_has_fast_bf16() -> bool:
-    """amx_bf16 or avx512_bf16 in /proc/cpuinfo, unless oneDNN is capped below them (e.g. to emulate
-    an AVX2-only CPU with ONEDNN_MAX_CPU_ISA=AVX2)."""
-    import os
-
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
-    if cap and cap not in ("ALL", "DEFAULT") and "BF16" not in cap and "AMX" not in cap:
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 class MedSAMEngine:
     """Runs a MedSAM-family model on single slices. Thread-safe: one lock serialises encoder calls and another
     decoder calls (they use disjoint modules), so a re-prompt need not wait for a background encode.
@@ -62,9 +47,10 @@ class MedSAMEngine:
     tests build); it is part of `model_id`, hence of every embedding cache key.
     backend: the image encoder's engine on the CPU, "torch" (default), "onnx", "openvino" or "auto"
     (see `backends.py`: exported at first use, checked against torch, cached on disk; auto chooses
-    by a cached calibration). A backend other than torch computes in fp32 (or int8 with
-    precision="int8", which needs one: its torch path is the fp32 reference it is checked against)
-    and adds itself to `model_id`.
+    by a cached calibration). A backend other than torch computes in fp32, in int8 with
+    precision="int8" (which needs one: its torch path is the fp32 reference it is checked against),
+    or in bf16 on OpenVINO where the precision is bf16 and the CPU has bf16 units; it adds itself
+    and its precision to `model_id`.
     """
 
     def __init__(self, sam, device: str = "cpu", precision: str = "fp32", model_id: str = "medsam",
@@ -113,16 +99,25 @@ class MedSAMEngine:
         from . import backends
 
         int8 = self.precision == "int8"
+        explicit = (requested_precision or "auto").lower() != "auto"
         if self.device != "cpu" or not self.fast:
             if name == "auto" and not int8:
                 return
             raise backends.BackendError(f"backend {name} runs the image encoder on the CPU: use --device cpu or --backend torch")
-        if name != "auto" and self.precision not in ("fp32", "int8") and (requested_precision or "auto").lower() != "auto":
-            raise backends.BackendError(f"backend {name} computes in fp32 or int8: use --precision fp32, int8 or auto")
+        # What the backend computes in: int8 as asked; bf16 where the torch path is bf16 and the backend
+        # can (OpenVINO on a CPU with bf16 units); else fp32, refused if another precision was asked for.
+        if int8 or (self.precision == "bf16" and backends.available(name, "bf16")):
+            target = self.precision
+        elif name == "auto" and self.precision == "bf16":
+            target = "bf16"  # choose(): each backend competes in bf16 where it can, else fp32
+        elif self.precision == "fp32" or not explicit:
+            target = "fp32"
+        else:
+            raise backends.BackendError(f"backend {name} computes in fp32 or int8 (openvino also bf16 on CPUs with "
+                                        "bf16 units): use --precision fp32, int8 or auto")
         reference = self._encoder
         if self.precision not in ("fp32", "int8"):
             reference = self.family.prepare_encoder(self.sam, torch.float32, self.device)
-        target = "int8" if int8 else "fp32"
         if name == "auto":
             name, encoder = backends.choose(self.sam, self.family, self._encoder, reference, self.decode,
                                             tag=self.precision, precision=target)
@@ -130,10 +125,10 @@ class MedSAMEngine:
                 return
         else:
             encoder = backends.prepare(name, self.sam, self.family, reference, self.decode, precision=target)
-        self._encoder, self.backend, self.precision = encoder, name, target
-        self._dtype = torch.float32
+        self._encoder, self.backend, self.precision = encoder, name, encoder.precision
+        self._dtype = torch.float32  # a backend takes and returns fp32 arrays
         base = self.model_id.rsplit(":", 1)[0]
-        self.model_id = f"{base}:{target}:{name}"
+        self.model_id = f"{base}:{encoder.precision}:{name}"
         try:  # the decoder too when it exports and passes its check; else the torch decoder stays
             self._backend_decoder = backends.prepare_decoder(name, self.sam, self.family)
         except backends.BackendError:
