@@ -9,8 +9,9 @@ in the background while the current one is decoded). Configurations:
 * ``engine-<precision>``: the engine's fast encoder (SDPA, private weights in that precision),
 * ``onnx-fp32``, ``openvino-fp32``: the encoder and decoder exported to ONNX Runtime / OpenVINO
   (`backends.py`; included when installed, first export and check not timed),
-* ``onnx-int8``, ``openvino-int8`` when "int8" is among the precisions: the int8 encoder (a row
-  with its one-line reason if its accuracy guard refuses it).
+* ``openvino-bf16`` when "bf16" is among the precisions and the CPU has bf16 units, ``onnx-int8``,
+  ``openvino-int8`` when "int8" is: the reduced-precision encoder (a row with its one-line reason
+  if its accuracy guard refuses it).
 
 ``isa_cap="avx2"`` times the rows again in a subprocess whose libraries are capped to AVX2 + FMA
 (oneDNN: ONEDNN_MAX_CPU_ISA, ATen: ATEN_CPU_CAPABILITY, MKL: MKL_ENABLE_INSTRUCTIONS), emulating
