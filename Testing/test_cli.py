@@ -162,12 +162,22 @@ def test_force_never_overwrites_the_input(capsys, tmp_path, ct_path, tiny_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]
 
 
-def test_console_script_runs_without_traceback(tmp_path, ct_path):
+def test_console_script_runs_without_traceback(tmp_path, ct_path, tiny_checkpoint):
     exe = os.path.join(os.path.dirname(sys.executable), "medsam-slicer")
     proc = subprocess.run([exe, "segment", ct_path, "-o", str(tmp_path / "o.seg.nrrd"), "--box", "1", "2", "3"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("medsam-slicer: error:")
+    # A run that succeeds exits without the interpreter's teardown: its summary and file are complete.
+    out = tmp_path / "ok.seg.nrrd"
+    proc = subprocess.run([exe, "segment", ct_path, "-o", str(out), "--box", "20", "30", "17", "60", "95", "18",
+                           "--checkpoint", str(tiny_checkpoint), "--precision", "fp32"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "slices 17-18" in proc.stdout + proc.stderr
+    import slicerio
+
+    segmentation = slicerio.read_segmentation(str(out))
+    assert segmentation["voxels"].shape == (128, 128, 34) and len(segmentation["segments"]) == 1
     help_text = subprocess.run([exe, "segment", "--help"], capture_output=True, text=True, check=True).stdout
     for flag in ("--box", "--key-box", "--propagate", "--direction", "--max-slices", "--probabilities", "--server"):
         assert flag in help_text

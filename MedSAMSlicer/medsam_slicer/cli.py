@@ -6,6 +6,7 @@ files are checked before the model is loaded, and no output file is left behind 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -236,5 +237,15 @@ def _bench(args) -> int:
     return 0
 
 
+def run() -> None:
+    """The `medsam-slicer` command: main(), then exit without the interpreter's teardown. Every
+    output is written and closed by then; unloading torch's and OpenVINO's modules one by one
+    took ~0.6 s of a 4-6 s `segment` run (AMD EPYC Zen 4)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
