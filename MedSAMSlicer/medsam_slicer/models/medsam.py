@@ -1,4 +1,5 @@
-"""MedSAM ViT-B, the paper's model: segment-anything's Sam with MedSAM's published 2D pipeline.
+"""MedSAM ViT-B, the paper's model: SAM (segment-anything's architecture and weight names, our own
+`sam_net` modules) with MedSAM's published 2D pipeline.
 
 Input: the slice resized to 1024 x 1024 with a bicubic spline (aspect ratio NOT kept, no padding),
 truncated to uint8, min-max to [0, 1], no ImageNet mean/std. Boxes are scaled by 1024 / (W, H, W,
@@ -96,15 +97,11 @@ def detect_architecture(state: Dict[str, object], label: str = "checkpoint") -> 
 
 
 def build_sam(arch: Architecture):
-    from segment_anything.build_sam import _build_sam
+    """SAM with this ViT (random weights, eval mode): our `sam_net` networks, which take
+    segment-anything's checkpoints as they are (the package itself is not imported: start-up)."""
+    from .sam_net import build_sam_vit
 
-    return _build_sam(
-        encoder_embed_dim=arch.embed_dim,
-        encoder_depth=arch.depth,
-        encoder_num_heads=arch.num_heads,
-        encoder_global_attn_indexes=list(arch.global_attn_indexes),
-        checkpoint=None,
-    )
+    return build_sam_vit(arch.embed_dim, arch.depth, arch.num_heads, arch.global_attn_indexes, INPUT_SIZE)
 
 
 def load_into(module, state: Dict[str, object], label: str, what: str) -> None:
@@ -136,13 +133,13 @@ def _load(state: Dict[str, object], label: str):
 
 
 def build(state: Dict[str, object], label: str = "checkpoint"):
-    """(segment-anything Sam on the CPU with these weights, architecture name)."""
+    """(SAM network (`sam_net.SamNet`) on the CPU with these weights, architecture name)."""
     sam, arch = _load(state, label)
     return sam, arch.name
 
 
 def load_sam(path: str):
-    """(Sam, Architecture) from a checkpoint file."""
+    """(SamNet, Architecture) from a checkpoint file."""
     from ..model import read_state_dict
 
     return _load(read_state_dict(path), os.path.basename(path))
