@@ -206,6 +206,17 @@ def test_litemedsam_prompt_encoder_and_decoder_match_with_the_real_weights(lite_
     _compare_prompt_side(prompt, decoder, net, embedding, _boxes(litemedsam, grey), litemedsam.INPUT_SIZE)
 
 
+def test_the_benchmarks_reference_row_runs_segment_anythings_own_sam(tiny_pair):
+    from medsam_slicer import bench
+
+    _, net = tiny_pair
+    ref = bench._reference_network(net, medsam)
+    assert type(ref).__module__.startswith("segment_anything.") and not ref.training
+    expected = net.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in ref.state_dict().items())
+    assert bench._reference_network(net, litemedsam) is net  # other families: their own network
+
+
 # ----------------------------------------------------------------------------------- start-up cost
 
 
@@ -216,6 +227,7 @@ def test_the_engine_never_imports_segment_anything_torchvision_or_dynamo(vit_b_c
         import sys
         import numpy as np
         import medsam_slicer
+        import medsam_slicer.bench
         from medsam_slicer.engine import MedSAMEngine
         from medsam_slicer.errors import WeightsError
         from medsam_slicer.model import load_model

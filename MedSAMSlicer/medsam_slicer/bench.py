@@ -23,8 +23,10 @@ Each row also gives the encoder's fraction of the CPU's fp32 peak (`backends.cpu
 GHz x FLOP/cycle from the instruction sets; the family's ENCODER_GFLOPS per slice), and the table
 names the CPU's instruction sets.
 
-With ``checkpoint=None`` the model is a random-weight ViT-B built with segment-anything's builder:
-speed does not depend on the weights' values. Ratios are only meaningful within one run.
+With ``checkpoint=None`` the model is a random-weight ViT-B (`models/sam_net.py`, seeded: the
+weights segment-anything's builder draws): speed does not depend on the weights' values. The
+reference row of SAM's ViT runs segment-anything's own ``Sam`` loaded with the same weights.
+Ratios are only meaningful within one run.
 """
 from __future__ import annotations
 
@@ -97,12 +99,34 @@ def _load_model(model: Optional[str], checkpoint: Optional[str]):
         net, family, _ = load_model(path, family.NAME)
         return net, family, f"{family.TITLE} ({os.path.basename(path)})"
     import torch
-    from segment_anything.build_sam import _build_sam
 
-    torch.manual_seed(0)
-    sam = _build_sam(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
-                     encoder_global_attn_indexes=[2, 5, 8, 11], checkpoint=None)
+    from .models.medsam import NAMED_ARCHITECTURES, Architecture, build_sam
+
+    torch.manual_seed(0)  # sam_net draws in segment-anything's order: the same weights as its builder's
+    sam = build_sam(Architecture(*NAMED_ARCHITECTURES["vit_b"]))
     return sam.eval(), family, "random ViT-B"
+
+
+def _reference_network(net, family):
+    """The network the reference row runs: for SAM's ViT family, segment-anything's own ``Sam`` with
+    the same weights (the published code; the engine's networks are `models/sam_net.py`), imported
+    here only, so that importing the engine never pays for it. Other families, or without the
+    segment-anything package: `net` itself (the same operations in the same order, tested)."""
+    if family.NAME != "medsam":
+        return net
+    try:
+        from segment_anything.build_sam import _build_sam
+    except ImportError:
+        return net
+
+    from .models.medsam import detect_architecture
+
+    state = net.state_dict()
+    arch = detect_architecture(state, "bench")
+    ref = _build_sam(encoder_embed_dim=arch.embed_dim, encoder_depth=arch.depth, encoder_num_heads=arch.num_heads,
+                     encoder_global_attn_indexes=list(arch.global_attn_indexes), checkpoint=None)
+    ref.load_state_dict(state, strict=True)
+    return ref.eval()
 
 
 def _sync(device: str) -> None:
@@ -260,13 +284,15 @@ def _run(checkpoint: Optional[str] = None, model: Optional[str] = None, device: 
     if backends is None:
         backends = [b for b in cpu_backends.available_backends() if b != "torch"] if device == "cpu" else []
     for b in backends:
-        for p in ("fp32", "int8") if "int8" in precisions else ("fp32",):
-            configs.append((f"{b}-{p}", dict(precision=p, fast=True, backend=b)))
+        for p in ("fp32", "bf16", "int8"):
+            if p == "fp32" or (p in precisions and cpu_backends.available(b, p)):
+                configs.append((f"{b}-{p}", dict(precision=p, fast=True, backend=b)))
     info = cpu_backends.cpu_info(torch.get_num_threads(), isa_cap=cap)
     results = []
     for name, options in configs:
         try:
-            engine = MedSAMEngine(sam, device, model_id="bench", family=family, **options)
+            network = _reference_network(sam, family) if name == "reference-fp32" else sam
+            engine = MedSAMEngine(network, device, model_id="bench", family=family, **options)
         except cpu_backends.BackendError as exc:
             results.append({"config": name, "device": device, "error": str(exc)})
             continue
@@ -283,7 +309,7 @@ def _run(checkpoint: Optional[str] = None, model: Optional[str] = None, device: 
         if device.startswith("cuda"):
             res["gpu"] = torch.cuda.get_device_name()
         results.append(res)
-        del engine
+        del engine, network
     ref = next((r for r in results if r["config"] == "reference-fp32"), None)
     if ref is not None:
         for r in results:
