@@ -242,6 +242,12 @@ def _key(parts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
+def _judge_key(net) -> str:
+    """A short digest of the prompt encoder and mask decoder: the checks judge masks, so a verdict
+    holds only for the decoder it was measured with."""
+    return _key([weights_digest(net.prompt_encoder), weights_digest(net.mask_decoder)])[:12]
+
+
 # ---------------------------------------------------------------------------------------- export
 
 
@@ -410,8 +416,7 @@ def prepare(name: str, net, family, reference: Callable, decode: Callable, threa
     reduced = precision != "fp32"
     verdict_name = "verdict.json"
     if reduced:  # the guard judges masks, so its verdict also depends on the prompt encoder and decoder
-        judge = _key([weights_digest(net.prompt_encoder), weights_digest(net.mask_decoder)])[:12]
-        verdict_name = f"verdict-{precision}-{judge}.json"
+        verdict_name = f"verdict-{precision}-{_judge_key(net)}.json"
     verdict_path = os.path.join(folder, verdict_name)
     report = _read_json(verdict_path)
     if not os.path.isfile(model_path):
@@ -665,7 +670,7 @@ def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Ca
                                "pip install medsam-slicer[cpu]")
         return "torch", torch_encoder
     digest = weights_digest(net.image_encoder)
-    key = _key([digest, family.NAME, torch.__version__, cpu_key(), str(threads), tag, precision]
+    key = _key([digest, _judge_key(net), family.NAME, torch.__version__, cpu_key(), str(threads), tag, precision]
                + [f"{b}={library_version(b)}:{p}" for b, p in pairs.items()] + ([_version("onnxruntime")] if int8 else []))
     path = os.path.join(cache_root(cache), f"auto-{family.NAME}{'-int8' if int8 else ''}-{key}.json")
     verdict = _read_json(path)

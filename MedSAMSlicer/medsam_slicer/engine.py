@@ -121,7 +121,8 @@ class MedSAMEngine:
         if name == "auto":
             name, encoder = backends.choose(self.sam, self.family, self._encoder, reference, self.decode,
                                             tag=self.precision, precision=target)
-            if name == "torch":
+            if name == "torch":  # the encoder stays on torch; re-prompts still run faster on a backend
+                self._backend_decoder = self._backend_decoder_on(("openvino", "onnx"))
                 return
         else:
             encoder = backends.prepare(name, self.sam, self.family, reference, self.decode, precision=target)
@@ -129,10 +130,21 @@ class MedSAMEngine:
         self._dtype = torch.float32  # a backend takes and returns fp32 arrays
         base = self.model_id.rsplit(":", 1)[0]
         self.model_id = f"{base}:{encoder.precision}:{name}"
-        try:  # the decoder too when it exports and passes its check; else the torch decoder stays
-            self._backend_decoder = backends.prepare_decoder(name, self.sam, self.family)
-        except backends.BackendError:
-            self._backend_decoder = None
+        self._backend_decoder = self._backend_decoder_on([name])
+
+    def _backend_decoder_on(self, names):
+        """The prompt encoder + mask decoder on the first of `names` that is installed, exports and
+        passes its check, else None (the torch decoder stays). A re-prompt on a cached slice took
+        37-38 ms on OpenVINO or ONNX Runtime vs 55-66 ms on torch (idle 2-core AMD EPYC Zen 4)."""
+        from . import backends
+
+        for name in names:
+            if backends.available(name):
+                try:
+                    return backends.prepare_decoder(name, self.sam, self.family)
+                except backends.BackendError:
+                    continue
+        return None
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto",
