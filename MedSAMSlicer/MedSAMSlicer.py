@@ -121,8 +121,8 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             except ImportError:
                 logging.info("PyTorch extension not installed: installing torch with pip (CPU or default build)")
             if not installed:
-                slicer.util.pip_install(["torch", "torchvision"])
-            missing = engines.missing_modules(mode)  # installTorch brings torchvision too
+                slicer.util.pip_install(["torch"])
+            missing = engines.missing_modules(mode)
         rest = engines.pip_requirements(missing)
         if rest:
             # a list: each requirement is one pip argument (no shell quoting of ">=")
@@ -425,7 +425,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget):
 
 class MedSAMSlicerTest(ScriptedLoadableModuleTest):
     """In-Slicer test: CTChest, the MedSAM effect, a dragged box, propagation and undo, with a tiny
-    random-weight checkpoint built at test time (segment-anything's _build_sam): it checks the plumbing
+    random-weight checkpoint built at test time (the engine's own SAM builder): it checks the plumbing
     (geometry, writing, worker, undo), not segmentation quality."""
 
     def setUp(self):
@@ -444,11 +444,10 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import torch
-        from segment_anything.build_sam import _build_sam
+        from medsam_slicer.models.medsam import Architecture, build_sam
 
         torch.manual_seed(0)
-        sam = _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1],
-                         checkpoint=None)
+        sam = build_sam(Architecture(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,)))
         with torch.no_grad():  # large logits: masks do not flicker with noise
             for mlp in sam.mask_decoder.output_hypernetworks_mlps:
                 mlp.layers[-1].weight.mul_(40.0)

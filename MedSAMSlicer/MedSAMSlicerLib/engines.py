@@ -20,10 +20,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 ENGINE_MODES = ("local", "remote")
 
 # import name -> pip requirement. torch is installed through the PyTorch extension when present.
+# The networks are the engine's own (medsam_slicer/models/sam_net.py): no segment-anything, no torchvision.
 REQUIREMENTS: Dict[str, str] = {
     "torch": "torch",
-    "torchvision": "torchvision",
-    "segment_anything": "segment-anything==1.0",
     "SimpleITK": "SimpleITK>=2.2",
     "skimage": "scikit-image>=0.21",
     "platformdirs": "platformdirs",
