@@ -3,7 +3,7 @@
 Splitting encode (seconds on a CPU) from decode (milliseconds) lets callers cache image embeddings
 and re-prompt a slice with the decoder alone. What differs between models (input size, resize,
 padding, box scaling, post-processing, the encoder's fast path) comes from the model's family
-module; the prompt encoder and mask decoder are segment-anything's for every family.
+module; the prompt encoder and mask decoder are SAM's (models/sam_net.py) for every family.
 """
 from __future__ import annotations
 
