@@ -69,3 +69,25 @@ def backend_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(backends.CACHE_ENV, str(folder))
         yield folder
+
+
+@pytest.fixture(scope="session")
+def lite_agreement_with_fp32(ct_array):
+    """f(engine) -> LiteMedSAM masks' agreement with the fp32 torch path on the confident pixels of a
+    slice that int8 calibration and the reduced-precision guard never see (slice 17, two boxes)."""
+    import numpy as np
+
+    from medsam_slicer.engine import MedSAMEngine
+    from medsam_slicer.models.litemedsam import package_asset
+
+    grey = np.clip((ct_array[17].astype(np.float32) + 1000) / 1000 * 255, 0, 255).astype(np.uint8)
+    boxes = np.array([[20, 30, 60, 95], [70, 30, 110, 90]], float)
+
+    def agreement(engine) -> float:
+        reference = MedSAMEngine.from_checkpoint(package_asset(), device="cpu", precision="fp32", model="litemedsam")
+        prob, _ = engine.segment(grey, boxes)
+        prob_ref, _ = reference.segment(grey, boxes)
+        sure = (prob_ref < 0.45) | (prob_ref > 0.55)
+        return float(((prob > 0.5) == (prob_ref > 0.5))[sure].mean())
+
+    return agreement

@@ -198,7 +198,8 @@ def test_bf16_is_not_called_fast_under_an_avx2_cap(monkeypatch):
 
 
 @pytest.mark.skipif(not backends.available("openvino", "bf16"), reason="needs OpenVINO and a CPU with bf16 units")
-def test_openvino_bf16_on_litemedsam_passes_the_reduced_guard_and_is_cached(backend_cache, ct_array, monkeypatch):
+def test_openvino_bf16_on_litemedsam_passes_the_reduced_guard_and_is_cached(backend_cache, lite_agreement_with_fp32,
+                                                                            monkeypatch):
     from medsam_slicer.models.litemedsam import package_asset
 
     path = package_asset()
@@ -210,13 +211,7 @@ def test_openvino_bf16_on_litemedsam_passes_the_reduced_guard_and_is_cached(back
     assert report["passed"] and report["precision"] == "bf16"
     assert report["agreement"] >= backends.REDUCED_MIN_AGREEMENT and report["dice_drop"] <= backends.REDUCED_MAX_DICE_DROP
     # It agrees with fp32 torch on a slice the guard did not judge.
-    reference = MedSAMEngine.from_checkpoint(path, device="cpu", precision="fp32", model="litemedsam")
-    grey = np.clip((ct_array[17].astype(np.float32) + 1000) / 1000 * 255, 0, 255).astype(np.uint8)
-    boxes = np.array([[20, 30, 60, 95], [70, 30, 110, 90]], float)
-    prob, _ = engine.segment(grey, boxes)
-    prob_ref, _ = reference.segment(grey, boxes)
-    sure = (prob_ref < 0.45) | (prob_ref > 0.55)
-    assert ((prob > 0.5) == (prob_ref > 0.5))[sure].mean() >= backends.REDUCED_MIN_AGREEMENT
+    assert lite_agreement_with_fp32(engine) >= backends.REDUCED_MIN_AGREEMENT
     # The fp32 export is shared and the verdict cached: a second load neither exports nor judges.
     monkeypatch.setattr(backends, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
     monkeypatch.setattr(backends, "reduced_guard", lambda *a, **k: pytest.fail("judged again"))

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .sam_net import classes
+
 IMG_SIZE = 256
 EMBED_DIMS = (64, 128, 160, 320)
 DEPTHS = (2, 2, 6, 2)
@@ -183,20 +185,7 @@ class Stage(nn.Module):
         self.downsample = downsample
 
 
-class LayerNorm2d(nn.Module):
-    """SAM's layer norm over the channels of an NCHW tensor."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x):
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+LayerNorm2d = classes()["LayerNorm2d"]  # SAM's channel layer norm: the neck is SAM's
 
 
 class TinyViTEncoder(nn.Module):
