@@ -142,8 +142,8 @@ class MedSAMEngine:
             if backends.available(name):
                 try:
                     return backends.prepare_decoder(name, self.sam, self.family)
-                except backends.BackendError:
-                    continue
+                except (backends.BackendError, ImportError, OSError, RuntimeError):
+                    continue  # an optional speed-up: a broken runtime keeps the torch decoder
         return None
 
     @classmethod
