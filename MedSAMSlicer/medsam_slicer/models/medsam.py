@@ -104,6 +104,21 @@ def build_sam(arch: Architecture):
     return build_sam_vit(arch.embed_dim, arch.depth, arch.num_heads, arch.global_attn_indexes, INPUT_SIZE)
 
 
+def random_sam(arch: Architecture, seed: int = 0, decoder_scale: float = 40.0):
+    """A seeded random-weight SAM for benchmarks and the Slicer self-test: random logits hover
+    around 0, so the last layer of the mask decoder's output hypernetworks is scaled by
+    `decoder_scale` and masks follow the embedding, not noise (a guard can then judge them)."""
+    import torch
+
+    torch.manual_seed(seed)  # sam_net draws in segment-anything's order: the same weights as its builder's
+    sam = build_sam(arch)
+    with torch.no_grad():
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(decoder_scale)
+            mlp.layers[-1].bias.mul_(decoder_scale)
+    return sam.eval()
+
+
 def load_into(module, state: Dict[str, object], label: str, what: str) -> None:
     """load_state_dict(strict) with a one-line error naming what is missing, extra or misshapen."""
     expected = module.state_dict()
