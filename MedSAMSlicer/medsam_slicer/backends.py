@@ -313,30 +313,52 @@ def _openvino_runner(path: str, threads: int, cache_dir: Optional[str] = None,
     return run
 
 
+def _numpy(x) -> np.ndarray:
+    """float32 numpy from a numpy array or a torch tensor (converted without importing torch here)."""
+    if isinstance(x, np.ndarray):
+        return np.asarray(x, dtype=np.float32)
+    return x.detach().cpu().float().numpy()
+
+
 class BackendEncoder:
-    """The encoder callable `f(x, interrupt=None) -> (B, 256, 64, 64) float32 torch tensor` over a
-    backend; one slice per backend call, the interrupt checked before each."""
+    """The encoder callable `f(x, interrupt=None) -> (B, 256, 64, 64) float32` over a backend: numpy
+    in, numpy out (the torch-free start); a torch tensor in, a tensor out. One slice per backend call,
+    the interrupt checked before each. model_path, verdict_path: the export and the verdict that let
+    it run (what `fast_start` records)."""
 
     def __init__(self, name: str, run: Callable[[np.ndarray], np.ndarray], folder: str, report: Dict,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", model_path: str = "", verdict_path: str = ""):
         self.name = name
         self.precision = precision
         self.run = run
         self.folder = folder
         self.report = report
+        self.model_path = model_path
+        self.verdict_path = verdict_path
 
     def __call__(self, x, interrupt=None):
-        import torch
-
         from .fast_encoder import EncodeInterrupted
 
         outs = []
-        data = x.detach().to("cpu", torch.float32).numpy()
+        data = _numpy(x)
         for i in range(data.shape[0]):
             if interrupt is not None and interrupt():
                 raise EncodeInterrupted()
-            outs.append(torch.from_numpy(self.run(np.ascontiguousarray(data[i : i + 1]))))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+            outs.append(self.run(np.ascontiguousarray(data[i : i + 1])))
+        out = outs[0] if len(outs) == 1 else np.concatenate(outs, 0)
+        if isinstance(x, np.ndarray):
+            return out
+        import torch
+
+        return torch.from_numpy(out)
+
+
+def encoder_runner(name: str, model_path: str, threads: int, precision: str = "fp32") -> Callable:
+    """The export at model_path compiled on a backend (OpenVINO keeps its compiled blobs next to it)."""
+    if name == "onnx":
+        return _onnx_runner(model_path, threads)
+    cache_dir = os.path.join(os.path.dirname(model_path), f"openvino-cache{'-bf16' if precision == 'bf16' else ''}")
+    return _openvino_runner(model_path, threads, cache_dir, precision)
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -412,7 +434,6 @@ def prepare(name: str, net, family, reference: Callable, decode: Callable, threa
     # bf16 compiles the fp32 export (one file, one export) and keeps its own verdict and compiled blobs.
     folder = os.path.join(cache_root(cache), f"{family.NAME}-{name}{'-int8' if int8 else ''}-{key}")
     model_path = os.path.join(folder, "encoder-int8.onnx" if int8 else "encoder.onnx")
-    suffix = "-bf16" if precision == "bf16" else ""
     reduced = precision != "fp32"
     verdict_name = "verdict.json"
     if reduced:  # the guard judges masks, so its verdict also depends on the prompt encoder and decoder
@@ -435,18 +456,16 @@ def prepare(name: str, net, family, reference: Callable, decode: Callable, threa
         export_s = time.perf_counter() - t
     else:
         export_s = 0.0
-    same_file = report is not None and report.get("bytes") == os.path.getsize(model_path)
+    same_file = (report is not None and report.get("bytes") == os.path.getsize(model_path)
+                 and _no_older(verdict_path, model_path))
     if reduced and same_file and report.get("passed") is False:
         raise BackendError(_reduced_refusal(name, precision, report))  # measured before on this very file
     try:
-        if name == "onnx":
-            run = _onnx_runner(model_path, threads)
-        else:
-            run = _openvino_runner(model_path, threads, os.path.join(folder, f"openvino-cache{suffix}"), precision)
+        run = encoder_runner(name, model_path, threads, precision)
     except Exception as exc:
         raise BackendError(f"backend {name} could not load the exported encoder ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
-    encoder = BackendEncoder(name, run, folder, report or {}, precision)
+    encoder = BackendEncoder(name, run, folder, report or {}, precision, model_path, verdict_path)
     if same_file and report.get("passed"):
         return encoder
     if reduced:
@@ -486,6 +505,14 @@ def _version(module: str) -> str:
         return version(module)
     except PackageNotFoundError:
         return "absent"
+
+
+def _no_older(verdict_path: str, model_path: str) -> bool:
+    """Was the verdict written after the export it judges? (An export rewritten since is judged again.)"""
+    try:
+        return os.stat(verdict_path).st_mtime_ns >= os.stat(model_path).st_mtime_ns
+    except OSError:
+        return False
 
 
 def _read_json(path: str) -> Optional[Dict]:
@@ -700,7 +727,9 @@ def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Ca
         raise BackendError(reasons)
     if best is None or best == "torch" or best not in pairs:
         return "torch", torch_encoder
-    return best, prepare(best, net, family, reference, decode, threads, cache, digest, pairs[best])
+    encoder = prepare(best, net, family, reference, decode, threads, cache, digest, pairs[best])
+    encoder.auto_verdict_path = path  # the choice a torch-free start re-reads (fast_start)
+    return best, encoder
 
 
 # --------------------------------------------------------------------------------------- decoder
@@ -727,22 +756,28 @@ def _decoder_module(net):
 
 
 class BackendDecoder:
-    """`f(embedding torch (1, 256, 64, 64), boxes (N, 4) model pixels) -> (logits torch (N, 1, h, w),
-    iou torch (N, 1))`, one backend call per box."""
+    """`f(embedding (1, 256, 64, 64) numpy or torch, boxes (N, 4) model pixels) -> (logits numpy
+    (N, 1, h, w), iou numpy (N, 1))`, one backend call per box. model_path, verdict_path: as
+    BackendEncoder's."""
 
-    def __init__(self, name: str, session, folder: str, report: Dict):
+    def __init__(self, name: str, session, folder: str, report: Dict, model_path: str = "",
+                 verdict_path: str = ""):
         self.name, self.session, self.folder, self.report = name, session, folder, report
+        self.model_path, self.verdict_path = model_path, verdict_path
 
     def __call__(self, embedding, boxes_model):
-        import torch
-
-        emb = np.ascontiguousarray(embedding.detach().to("cpu", torch.float32).numpy())
+        emb = np.ascontiguousarray(_numpy(embedding))
         logits, ious = [], []
         for box in np.asarray(boxes_model, dtype=np.float32).reshape(-1, 4):
             out = self.session([emb, box.reshape(1, 1, 4)])
             logits.append(out[0])
             ious.append(out[1])
-        return torch.from_numpy(np.concatenate(logits, 0)), torch.from_numpy(np.concatenate(ious, 0))
+        return np.concatenate(logits, 0), np.concatenate(ious, 0)
+
+
+def decoder_session(name: str, model_path: str, threads: int):
+    """The decoder's export compiled on a backend (OpenVINO's blobs cached next to it)."""
+    return _session(name, model_path, threads, os.path.join(os.path.dirname(model_path), "openvino-cache"))
 
 
 def _session(name: str, path: str, threads: int, cache_dir: Optional[str]):
@@ -789,7 +824,7 @@ def prepare_decoder(name: str, net, family, threads: Optional[int] = None, cache
     folder = os.path.join(cache_root(cache), f"{family.NAME}-{name}-decoder-{key}")
     path = os.path.join(folder, "decoder.onnx")
     verdict_path = os.path.join(folder, "verdict.json")
-    report = _read_json(verdict_path)
+    report = _read_json(verdict_path) if _no_older(verdict_path, path) else None
     if embedding is None:
         embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0))
     embedding = embedding[:1].detach().to("cpu", torch.float32)
@@ -809,13 +844,12 @@ def prepare_decoder(name: str, net, family, threads: Optional[int] = None, cache
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         report = None
-    decoder = BackendDecoder(name, _session(name, path, threads, os.path.join(folder, "openvino-cache")), folder,
-                             report or {})
+    decoder = BackendDecoder(name, decoder_session(name, path, threads), folder, report or {}, path, verdict_path)
     if report is None or not report.get("passed"):
         boxes = np.array(CHECK_BOXES, dtype=np.float32) * (family.INPUT_SIZE / 128.0)
         with torch.inference_mode():
             ref_logits = torch.cat([module(embedding, torch.from_numpy(b.reshape(1, 1, 4)))[0] for b in boxes]).numpy()
-        logits = decoder(embedding, boxes)[0].numpy()
+        logits = decoder(embedding, boxes)[0]
         prob_ref, prob = 1 / (1 + np.exp(-ref_logits)), 1 / (1 + np.exp(-logits))
         confident = (prob_ref < CONFIDENT[0]) | (prob_ref > CONFIDENT[1])
         agreement = float(((prob > 0.5) == (prob_ref > 0.5))[confident].mean()) if confident.any() else 1.0

@@ -22,6 +22,13 @@ def default_budget_bytes(device: str) -> int:
     return DEFAULT_BUDGET_MB.get(device.split(":")[0], 1024) * 1024 * 1024
 
 
+def own_copy(batch, n: int):
+    """Embedding n of a batch as its own array (numpy from torch-free engines, else a torch tensor),
+    so a cached slice does not keep the whole batch alive."""
+    part = batch[n : n + 1]
+    return part.copy() if hasattr(part, "__array_interface__") else part.clone()
+
+
 def _nbytes(value) -> int:
     size = getattr(value, "nbytes", None)
     if size is None:  # torch tensor
@@ -116,8 +123,8 @@ class DiskLayer:
         return os.path.isfile(self.path(key))
 
     def load(self, key: Hashable):
+        """The stored embedding as float32 numpy (the engine decodes numpy or torch), or None."""
         import numpy as np
-        import torch
 
         path = self.path(key)
         try:
@@ -125,7 +132,7 @@ class DiskLayer:
         except (OSError, ValueError):  # absent, or a file cut short by a crash: recompute it
             return None
         os.utime(path)  # recently used files are evicted last
-        return torch.from_numpy(array)
+        return array
 
     def save(self, key: Hashable, value) -> None:
         import numpy as np
@@ -134,7 +141,8 @@ class DiskLayer:
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "wb") as f:
-                np.save(f, value.detach().float().cpu().numpy(), allow_pickle=False)
+                array = value if isinstance(value, np.ndarray) else value.detach().float().cpu().numpy()
+                np.save(f, np.asarray(array, dtype=np.float32), allow_pickle=False)
             os.replace(tmp, path)  # readers never see a half-written file
         except OSError:
             if os.path.exists(tmp):

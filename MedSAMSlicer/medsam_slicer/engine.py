@@ -51,24 +51,21 @@ class MedSAMEngine:
     precision="int8" (which needs one: its torch path is the fp32 reference it is checked against),
     or in bf16 on OpenVINO where the precision is bf16 and the CPU has bf16 units; it adds itself
     and its precision to `model_id`.
+
+    `from_checkpoint` starts without torch when the request's exports and verdicts are all cached
+    (see `fast_start.py`): `sam` is then None and encoder and decoder run on the backend, numpy in
+    and out.
     """
+
+    torch_free = False
 
     def __init__(self, sam, device: str = "cpu", precision: str = "fp32", model_id: str = "medsam",
                  fast: bool = True, compile: bool = False, family="medsam", backend: str = "torch"):
         import torch
 
-        from .models import get_family
-
-        self.family = get_family(family) if isinstance(family, str) else family
-        self.device = device
-        self.precision = resolve_precision(precision, device)
-        self.model_id = f"{self.family.NAME}/{model_id}:{self.precision}"
+        self._init_state(family, device, resolve_precision(precision, device), model_id)
         self.sam = sam.to(device).eval()
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        self._lock = threading.RLock()
-        self._decode_lock = threading.RLock()
-        # Slices per encoder call: batching pays on GPUs; on a CPU it only multiplies peak memory.
-        self.max_batch = 1 if device == "cpu" else 8
         self.fast = bool(fast)
         self._encoder = self.sam.image_encoder
         if self.fast:
@@ -81,8 +78,6 @@ class MedSAMEngine:
                     return encoder(x.float())
 
             self._encoder = autocast_encoder
-        self.backend = "torch"
-        self._backend_decoder = None  # prompt encoder + mask decoder on the backend (re-prompts), if it passed
         from .backends import check_backend
 
         backend = check_backend(backend)
@@ -92,6 +87,31 @@ class MedSAMEngine:
             raise BackendError("precision int8 runs on an exported backend: use --backend onnx, openvino or auto")
         if backend != "torch":
             self._use_backend(backend, precision)
+
+    def _init_state(self, family, device: str, precision: str, model_id: str) -> None:
+        """What every engine has, whether its networks run on torch or (torch-free) on a backend."""
+        from .models import get_family
+
+        self.family = get_family(family) if isinstance(family, str) else family
+        self.device = device
+        self.precision = precision
+        self.model_id = f"{self.family.NAME}/{model_id}:{self.precision}"
+        self._lock = threading.RLock()
+        self._decode_lock = threading.RLock()
+        # Slices per encoder call: batching pays on GPUs; on a CPU it only multiplies peak memory.
+        self.max_batch = 1 if device == "cpu" else 8
+        self.backend = "torch"
+        self._backend_decoder = None  # prompt encoder + mask decoder on the backend (re-prompts), if it passed
+
+    @classmethod
+    def on_exports(cls, family, model_id: str, encoder, decoder) -> "MedSAMEngine":
+        """A torch-free engine over a checked backend encoder and decoder (see `fast_start.py`)."""
+        engine = cls.__new__(cls)
+        engine._init_state(family, "cpu", encoder.precision, model_id)
+        engine.model_id = f"{engine.model_id}:{encoder.name}"
+        engine.sam, engine._dtype, engine.fast, engine.torch_free = None, None, True, True
+        engine._encoder, engine._backend_decoder, engine.backend = encoder, decoder, encoder.name
+        return engine
 
     def _use_backend(self, name: str, requested_precision: str) -> None:
         import torch
@@ -151,17 +171,20 @@ class MedSAMEngine:
                         model: Optional[str] = None, backend: Optional[str] = None) -> "MedSAMEngine":
         """Loads a weights file; its family is recognised from the tensors unless `model` names it.
         backend None: $MEDSAM_SLICER_BACKEND if set, else torch (auto for precision int8)."""
-        import hashlib
         import os
 
-        device = resolve_device(device)
-        net, family, arch = load_model(path, model)
-        stat = os.stat(path)
-        ident = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        from . import fast_start
+
         backend = backend or os.environ.get(BACKEND_ENV, "").strip() or (
             "auto" if str(precision).lower() == "int8" else "torch")
-        engine = cls(net, device, precision, model_id=f"{arch}:{ident}", family=family, backend=backend)
-        engine.architecture = arch
+        request = fast_start.Request(path, model, device, precision, backend)
+        engine = fast_start.load(request)  # None unless every export and verdict it needs is cached
+        if engine is None:
+            net, family, arch = load_model(path, model)
+            engine = cls(net, resolve_device(device), precision, model_id=f"{arch}:{checkpoint_ident(path)}",
+                         family=family, backend=backend)
+            engine.architecture = arch
+            fast_start.record(request, engine)
         engine.checkpoint = path
         return engine
 
@@ -203,9 +226,12 @@ class MedSAMEngine:
         interrupt: optional callable checked between transformer blocks by the fast encoder; when it
         returns True the call raises `fast_encoder.EncodeInterrupted` and releases the model.
         """
+        batch = np.concatenate([self.family.model_input(img) for img in images], axis=0)  # outside the lock
+        if self.torch_free:  # the backend encoder: numpy in and out, the interrupt checked per slice
+            with self._lock:
+                return self._encoder(batch, interrupt=interrupt)
         import torch
 
-        batch = np.concatenate([self.family.model_input(img) for img in images], axis=0)  # outside the lock
         outs = []
         for start in range(0, len(batch), self.max_batch):
             part = np.ascontiguousarray(batch[start : start + self.max_batch])
@@ -221,30 +247,52 @@ class MedSAMEngine:
         """Boxes [x0, y0, x1, y1] (N, 4) in slice pixels over one embedding.
 
         Returns foreground probabilities (N, H, W) float32 and the decoder's IoU estimates (N,).
+        The embedding may be a torch tensor or (torch-free engines, the disk cache) a numpy array.
         """
-        import torch
+        from . import upsample
 
         height, width = size
         boxes_model = self.family.boxes_to_model(boxes, height, width)
-        with self._decode_lock, torch.inference_mode():
+        with self._decode_lock:
             if self._backend_decoder is not None:
                 logits, iou = self._backend_decoder(embedding, boxes_model)
-                prob = self.family.postprocess(logits, (height, width))
-                return prob.float().cpu().numpy(), iou[:, 0].float().cpu().numpy()
+            else:
+                logits, iou = self._torch_decode(embedding, boxes_model)
+        if upsample.has_twin(self.family):
+            prob = upsample.probabilities(self.family, logits, (height, width))
+        else:  # a family without a numpy twin: its own torch postprocess
+            import torch
+
+            prob = self.family.postprocess(torch.from_numpy(logits), (height, width)).float().numpy()
+        return prob, np.asarray(iou[:, 0], dtype=np.float32)
+
+    def _torch_decode(self, embedding, boxes_model):
+        """SAM's prompt encoder and mask decoder on torch: low-res logits (N, 1, h, w) and IoU (N, 1), numpy."""
+        import torch
+
+        with torch.inference_mode():
             box_t = torch.as_tensor(boxes_model, dtype=torch.float, device=self.device)[:, None, :]
             sparse, dense = self.sam.prompt_encoder(points=None, boxes=box_t, masks=None)
             logits, iou = self.sam.mask_decoder(
-                image_embeddings=embedding.to(self.device, torch.float32),
+                image_embeddings=torch.as_tensor(embedding).to(self.device, torch.float32),
                 image_pe=self.sam.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
             )
-            prob = self.family.postprocess(logits, (height, width))
-            return prob.float().cpu().numpy(), iou[:, 0].float().cpu().numpy()
+            return logits.float().cpu().numpy(), iou.float().cpu().numpy()
 
     def segment(self, image: np.ndarray, boxes, embedding=None) -> Tuple[np.ndarray, np.ndarray]:
         """Convenience: probabilities and scores for boxes on one uint8 slice."""
         if embedding is None:
             embedding = self.encode(image)
         return self.decode(embedding, boxes, image.shape[:2])
+
+
+def checkpoint_ident(path: str) -> str:
+    """A short id of a weights file (path, size, modification time) for `model_id`, hence cache keys."""
+    import hashlib
+    import os
+
+    stat = os.stat(path)
+    return hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]

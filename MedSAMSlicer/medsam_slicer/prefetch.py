@@ -27,6 +27,8 @@ from typing import Deque, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from .cache import own_copy
+
 # A background thread still inside torch when the interpreter (or Slicer) exits aborts the
 # process, so every prefetcher left open is stopped and joined at exit.
 _LIVE: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
@@ -164,7 +166,7 @@ class Prefetcher:
                 images = [pred.image(i) for i in batch]
                 embs = pred.engine.encode_batch(images, interrupt=self._interrupt)
                 for n, i in enumerate(batch):
-                    pred.cache.put(pred.cache_key(i), embs[n : n + 1].clone())
+                    pred.cache.put(pred.cache_key(i), own_copy(embs, n))
                 pred.encoded += len(batch)
                 done = True
             except Exception as exc:  # noqa: BLE001 - kept for the caller; the thread goes on

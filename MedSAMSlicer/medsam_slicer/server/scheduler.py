@@ -32,6 +32,7 @@ from typing import Deque, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ..cache import own_copy
 from ..errors import InputError, MedSAMError
 from ..predictor import SlicePredictor
 from .protocol import check_index
@@ -243,7 +244,7 @@ class Scheduler:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
         first = None
         for n, (key, t) in enumerate(todo.items()):
-            emb = embs[n : n + 1].clone()
+            emb = own_copy(embs, n)
             t.predictor.cache.put(key, emb)
             t.predictor.encoded += 1
             if n == 0:
