@@ -62,6 +62,7 @@ def _source_digest() -> str:
 
 
 def manifest_path(request: Request) -> str:
+    """Where the manifest for this request lives; its key is everything the exports' keys hold."""
     from .backends import cache_root, cpu_key
     from .engine import resolve_precision
     from .weights import sha256_file
