@@ -71,6 +71,43 @@ def test_margin_is_in_the_256_frame_for_both_axes():
     assert models.get_family("medsam").margin_pixels(10, (512, 256)) == (3, 5)  # aspect not kept: per axis
 
 
+def _official_next_box(mask: np.ndarray, shift: int = 3):
+    """The official 3D inference's next box (MedSAM_infer_npz_3D): the mask resized with OpenCV
+    INTER_AREA and zero-padded to 256, its bounding box +- 3 px, clipped to [0, 256]."""
+    h, w = mask.shape
+    nh, nw = litemedsam.resized_shape(h, w)
+    frame = np.zeros((256, 256), np.uint8)
+    frame[:nh, :nw] = cv2.resize(mask.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_AREA)
+    if not frame.any():
+        return None
+    ys, xs = np.nonzero(frame)
+    return [max(0, xs.min() - shift), max(0, ys.min() - shift), min(256, xs.max() + shift), min(256, ys.max() + shift)]
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (512, 512), (217, 181), (90, 300)])
+def test_propagation_box_is_the_official_3d_box(expert_masks, shape):
+    """Every slice of every expert segment of the CT sample (128 x 128), also resampled to larger,
+    smaller and non-square grids: the next box the model gets is the official one to the pixel,
+    and a mask too small to survive the 256 frame gives None (the official code then falls back
+    to the 3D box)."""
+    from skimage.transform import resize
+
+    checked = vanished = 0
+    for truth in expert_masks.values():
+        for k in np.flatnonzero(truth.any(axis=(1, 2))):
+            mask = truth[k] if shape == truth.shape[1:] else resize(truth[k], shape, order=0, anti_aliasing=False)
+            want = _official_next_box(mask)
+            got = litemedsam.propagation_box(mask, litemedsam.DEFAULT_MARGIN)
+            if want is None:
+                assert got is None
+                vanished += 1
+                continue
+            assert litemedsam.boxes_to_model([got], *shape)[0].tolist() == want
+            checked += 1
+    assert checked > 100
+    if shape == (512, 512):
+        assert vanished == 0  # enlarging keeps every pixel
+
 # --------------------------------------------------------------------------------- parity, real weights
 
 

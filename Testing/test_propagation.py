@@ -14,6 +14,7 @@ import pytest
 
 from medsam_slicer.errors import InputError
 from medsam_slicer.propagation import (
+    DRIFT_SCORE_LEAD,
     PropagationResult,
     StopRules,
     box_with_margin,
@@ -430,6 +431,55 @@ def test_mode_b_finds_its_way_back_when_the_extent_scores_clearly_higher():
     followed = segment_box3d(DriftingModel(truth, roi, drift_from), roi, first, last, clip_to_box=False, recover=False)
     assert dice(recovered.volume("k", truth.shape), truth) >= 0.97
     assert dice(followed.volume("k", truth.shape), truth) < 0.9  # without recovery the drift stays
+
+
+class EndInsideTheBox:
+    """A structure (bright, 10 x 10 px) that ends inside its 3D box: on its last slice it is 3 x 3 px
+    in a 24 x 24 region of the same tissue. Prompted with the previous mask's box there the model
+    answers a dark speck (unlike the start slice); prompted with the whole box, the bright region
+    (like the start slice, 6 times the previous mask) with `extent_score`. As at the left putamen's
+    last slice with real weights (EXTENT_AREA_EVIDENCE)."""
+
+    def __init__(self, extent_score: float):
+        n, shape = 9, (40, 40)
+        self.n_slices, self.slice_shape = n, shape
+        self.img = np.full((n,) + shape, 100, np.uint8)
+        self.truth = np.zeros((n,) + shape, bool)
+        self.truth[:8, 15:25, 15:25] = True
+        self.truth[8, 18:21, 18:21] = True
+        self.region = np.zeros(shape, bool)
+        self.region[8:32, 8:32] = True
+        self.img[self.truth] = 200
+        self.img[8][self.region] = 200
+        self.img[8, 5:7, 5:7] = 30
+        self.roi = (8, 8, 31, 31)
+        self.extent_score = extent_score
+
+    def image(self, index):
+        return self.img[index]
+
+    def __call__(self, index, box):
+        whole = tuple(int(v) for v in box) == self.roi
+        if index < 8:
+            return self.truth[index].copy(), 0.9
+        if whole:
+            return self.region.copy(), self.extent_score
+        speck = np.zeros(self.slice_shape, bool)
+        speck[5:7, 5:7] = True
+        return speck, 0.8
+
+
+def test_mode_b_swaps_in_no_leaking_extent_mask_without_the_scores_lead():
+    """Where only the propagated mask's change of look calls for the extent's mask, a mask more
+    than DEFAULT_MAX_AREA_RATIO times the previous slice's is a leak and is not taken; with the
+    model's score clearly behind it, it is."""
+    model = EndInsideTheBox(extent_score=0.8)
+    result = segment_box3d(model, model.roi, 0, 8, keep_largest=False, clip_to_box=False)
+    assert result.masks[8].sum() == 4  # kept the propagated speck, not the 576-px region
+    assert dice(result.volume("k", model.truth.shape)[:8], model.truth[:8]) == 1.0
+    model = EndInsideTheBox(extent_score=0.8 + DRIFT_SCORE_LEAD + 0.05)
+    result = segment_box3d(model, model.roi, 0, 8, keep_largest=False, clip_to_box=False)
+    assert np.array_equal(result.masks[8], model.region)  # the score's lead decides
 
 
 def test_mode_b_empty_mask_falls_back_to_box_extent():

@@ -60,6 +60,12 @@ class SlicePredictor:
         """The model's default propagation margin in this axis's slice pixels, (x, y)."""
         return self.engine.default_margin(self.slice_shape)
 
+    def box_around(self, mask: np.ndarray):
+        """The box propagation prompts the next slice with, from the previous slice's mask, made in
+        the model's own input frame with its default margin (the family's `propagation_box`)."""
+        family = self.engine.family
+        return family.propagation_box(mask, family.DEFAULT_MARGIN)
+
     @property
     def score_ranks_quality(self) -> bool:
         """Was the model's quality score measured to rank masks (its family's SCORE_RANKS_QUALITY)?"""

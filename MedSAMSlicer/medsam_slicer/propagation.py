@@ -1,7 +1,8 @@
 """3D segmentation from 2D box prompts: four ways to turn slice predictions into a volume.
 
 a. `propagate_from_slice`: grow from one slice (a box, or an existing mask) up, down or both; the
-   next slice is prompted with the previous mask's bounding box plus a small margin; stop rules.
+   next slice is prompted with the previous mask's bounding box plus a small margin (made in the
+   model's own input frame where the predictor offers `box_around`); stop rules.
 b. `segment_box3d`: a 3D box (ROI): every slice of its range is segmented, starting inside it;
    an empty mask falls back to the ROI's in-plane extent for the next slice.
 c. `segment_key_slices`: boxes on several key slices; slices between are prompted with the box
@@ -25,13 +26,14 @@ import numpy as np
 
 from .errors import InputError, MedSAMError
 from .postprocess import fill_holes_2d, keep_anchored_components
-from .slicing import Box2D, check_axis, mask_bbox, slice_count, slice_index
+from .slicing import Box2D, check_axis, grow_box, mask_bbox, slice_count, slice_index
 
 ProgressFn = Callable[[int, np.ndarray, int, int], None]
 
 # Prompt margin for predictors that do not know their model's scale (oracles, tests): pixels of
-# MedSAM's 1024 x 1024 input. A SlicePredictor gives its model's own default (`default_margin`,
-# from the model's family module, in that model's input scale). MedSAM was trained with every box side
+# MedSAM's 1024 x 1024 input. A SlicePredictor makes its model's own next box (`box_around`, from
+# the model's family module: its default margin in its input scale; LiteMedSAM's box is made in its
+# 256 frame as the official 3D inference makes it). MedSAM was trained with every box side
 # moved outward by a random 0-20 px at that scale, so 10 px is the middle of its training
 # distribution; the published 3D workflows used 5 px (1024 scale) and 3 px at 256 scale (= 12 px at
 # 1024). It is converted to slice pixels per axis (the slice is resized to 1024 without keeping the
@@ -89,6 +91,21 @@ DRIFT_SCORE_LEAD = 0.1
 # SCORE_RANKS_QUALITY; predictors without it, such as oracles, count as unmeasured).
 DEFAULT_MIN_SCORE_RATIO = 0.7
 
+# A mask more than this many times the previous slice's is a leak into a neighbour (StopRules.
+# max_area_ratio has the oracle evidence); mode b refuses the extent's mask beyond it too
+# (EXTENT_AREA_EVIDENCE).
+DEFAULT_MAX_AREA_RATIO = 4.0
+
+# EXTENT_AREA_EVIDENCE. Where only the propagated mask's change of look calls for the extent's mask
+# (no score lead), the extent's mask must not leak: at most DEFAULT_MAX_AREA_RATIO times the previous
+# slice's mask. With real weights (LiteMedSAM, benchmarks/accuracy_eval.py, 20 one-piece structures),
+# at the left putamen's last slice the propagated mask (26 px) no longer looked like the start
+# slice and the extent's mask of the grey matter around the 79-px end (569 px, 13.5 times the
+# previous slice's, scored 0.76 vs 0.78) was swapped in: the false volume cost the structure 0.058
+# (0.631 -> 0.689 with the rule; mean mode b 0.643 -> 0.646; no structure lower). Swaps the score
+# calls for stay free: the body outline's 4492-px mask after an 828-px one (slice Dice 0.14 -> 0.83),
+# the left hippocampus' 5.6 times (0.02 -> 0.44); limiting them too cost those 0.035 and 0.054.
+
 # Slices handed to `predictor.prefetch` at a time in open-ended growth (mode a). Ranges that will
 # be segmented in full (modes b, c) are prefetched in chunks of the same size.
 DEFAULT_LOOKAHEAD = 4
@@ -128,7 +145,7 @@ class StopRules:
     """
 
     min_area: int = 5
-    max_area_ratio: float = 4.0
+    max_area_ratio: float = DEFAULT_MAX_AREA_RATIO
     check_centroid: bool = True
     min_score: Optional[float] = None
     max_slices: Optional[int] = None
@@ -216,10 +233,7 @@ def box_with_margin(mask_or_box, margin_px, slice_shape: Sequence[int]) -> Optio
         box = tuple(int(round(float(v))) for v in mask_or_box)
         if len(box) != 4:
             raise InputError(f"a box needs four numbers x0 y0 x1 y1, got {mask_or_box!r}")
-    mx, my = _margin(margin_px, slice_shape)
-    h, w = int(slice_shape[0]), int(slice_shape[1])
-    x0, y0, x1, y1 = box
-    return (max(0, x0 - mx), max(0, y0 - my), min(w - 1, x1 + mx), min(h - 1, y1 + my))
+    return grow_box(box, *_margin(margin_px, slice_shape), slice_shape)
 
 
 def intersect_boxes(a: Box2D, b: Box2D) -> Optional[Box2D]:
@@ -279,14 +293,24 @@ class _Run:
         self.done = 0
         self.total = 0
         self.was_cancelled = False
+        self.own_box = None
 
     def resolve_margin(self, margin) -> Tuple[int, int]:
         """(x, y) slice pixels: the caller's margin, else the predictor's model default, else
-        DEFAULT_MARGIN_1024. Checked here, before any slice is computed."""
+        DEFAULT_MARGIN_1024. Checked here, before any slice is computed. Without a caller's margin,
+        a predictor that makes its model's own next box (`box_around`) is asked for it instead."""
+        self.own_box = getattr(self.predictor, "box_around", None) if margin is None else None
         own = getattr(self.predictor, "default_margin", None) if margin is None else None
         if own is not None:
             return tuple(int(v) for v in own)  # type: ignore
         return _margin(margin, self.shape)
+
+    def next_box(self, prev: np.ndarray, margin) -> Optional[Box2D]:
+        """The box the slice after `prev` is prompted with (None for an empty mask): the model's
+        own, made in its input frame as its published 3D inference makes it (corners may fall
+        between slice pixels), else prev's bounding box plus `margin` slice pixels."""
+        box = self.own_box(prev) if self.own_box is not None else None
+        return box if box is not None else box_with_margin(prev, margin, self.shape)
 
     def cancelled(self) -> bool:
         if not self.was_cancelled and is_cancelled(self.cancel):
@@ -317,11 +341,11 @@ class _Run:
         fn(todo)
 
     def predict(self, index: int, box: Box2D) -> Tuple[np.ndarray, Optional[float]]:
-        key = (int(index), tuple(int(v) for v in box))
+        key = (int(index), tuple(float(v) for v in box))  # a model's own boxes may be fractional
         hit = self.memo.get(key)
         if hit is not None:
             return hit
-        mask, score = self.predictor(key[0], key[1])
+        mask, score = self.predictor(key[0], tuple(box))
         mask = np.asarray(mask)
         if mask.shape != self.shape:
             raise MedSAMError(f"the predictor returned a {mask.shape} mask for slice {index}, slices are {self.shape}")
@@ -435,7 +459,7 @@ def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, 
         if run.cancelled():
             reason = CANCELLED
             break
-        box = box_with_margin(prev, margin, run.shape)
+        box = run.next_box(prev, margin)
         if nxt not in run.prefetched:
             left = budget - count if rules.max_slices is None else min(budget, rules.max_slices) - count
             run.prefetch([nxt + step * n for n in range(min(run.lookahead, max(1, left)))])
@@ -554,13 +578,14 @@ def segment_box3d(
     as an anchor) when it looks like the start slice's mask (share of its pixels in the start mask's
     intensity range at least `min_appearance`, see StopRules; checked where `predictor.image`
     exists) and either the model scores it higher by DRIFT_SCORE_LEAD or the propagated mask no
-    longer looks like the start slice's, so a run that slid onto a neighbour finds its way back
-    instead of following it. Otherwise the
+    longer looks like the start slice's (then only if the extent's mask is at most
+    DEFAULT_MAX_AREA_RATIO times the previous slice's: EXTENT_AREA_EVIDENCE), so a run that slid
+    onto a neighbour finds its way back instead of following it. Otherwise the
     propagated mask is kept (at a structure's partial-volume end the extent prompt returns large
     wrong masks). Starts at `start` (default: the middle slice, where the box's extent most likely fits
     the structure, as in the LiteMedSAM baseline) prompted with the full extent, then goes up to
-    `last` and down to `first`, each slice prompted with the previous mask's box plus margin,
-    intersected with the extent. An empty mask does not stop: the next slice falls back to the full
+    `last` and down to `first`, each slice prompted with the previous mask's box plus margin
+    (the model's own, made in its input frame: `_Run.next_box`), intersected with the extent. An empty mask does not stop: the next slice falls back to the full
     extent (and counts as an anchor for keep_largest). With clip_to_box, masks are cut to the
     extent. Slices whose mask came out empty are in `masks` as empty masks (they were segmented)."""
     run = _Run(predictor, fill_holes, progress, cancel, lookahead)
@@ -587,13 +612,15 @@ def segment_box3d(
     def drifted(index: int, mask: np.ndarray) -> bool:
         return look[0] is not None and mask.any() and look[0].share(run.image(index), mask) < min_appearance
 
-    def segment(index: int, box: Box2D) -> np.ndarray:
+    def segment(index: int, box: Box2D, prev: np.ndarray) -> np.ndarray:
         mask, score = predict(index, box)
         if box != roi and recover:
             again, again_score = predict(index, roi)
             scored_better = score is not None and again_score is not None and again_score > score + DRIFT_SCORE_LEAD
-            # never swap in a mask that does not look like the start slice's (EXTENT_LOOKS_EVIDENCE)
-            if again.any() and not drifted(index, again) and (scored_better or drifted(index, mask)):
+            # never swap in a mask that does not look like the start slice's (EXTENT_LOOKS_EVIDENCE);
+            # without the score's lead, not one that leaks past the previous slice's (EXTENT_AREA_EVIDENCE)
+            fits = again.sum() <= DEFAULT_MAX_AREA_RATIO * prev.sum()
+            if again.any() and not drifted(index, again) and (scored_better or (drifted(index, mask) and fits)):
                 mask = again
                 run.anchors.add(index)
         run.finish(index, mask)
@@ -619,12 +646,12 @@ def segment_box3d(
             index += step
             if index not in run.prefetched:
                 run.prefetch(range(index, end + step, step)[: run.lookahead])
-            box = box_with_margin(prev, margin, run.shape)
+            box = run.next_box(prev, margin)
             box = intersect_boxes(box, roi) if box is not None else None
             if box is None:
                 box = roi
                 run.anchors.add(index)
-            prev = segment(index, box)
+            prev = segment(index, box, prev)
         reasons[name] = reason
     return run.result(reasons, keep_largest)
 
@@ -726,7 +753,7 @@ def segment_key_slices(
             if index not in run.prefetched:
                 run.prefetch([i for i, _ in plan[n : n + run.lookahead]])
             interp = interpolate_box(keys[a], keys[b], (index - a) / float(b - a))
-            box = _combine(combine, interp, box_with_margin(prev[step], margin, run.shape))
+            box = _combine(combine, interp, run.next_box(prev[step], margin))
             mask, _ = run.predict(index, box)
             run.finish(index, mask)
             prev[step] = mask

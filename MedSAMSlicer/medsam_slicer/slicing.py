@@ -118,3 +118,11 @@ def mask_bbox(mask: np.ndarray):
         return None
     cols = np.flatnonzero(mask.any(axis=0))
     return (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
+
+
+def grow_box(box, mx: int, my: int, shape) -> Tuple[int, int, int, int]:
+    """An inclusive [x0, y0, x1, y1] box with each side moved out by (mx, my) pixels, clipped to a
+    slice of `shape` (H, W)."""
+    h, w = int(shape[0]), int(shape[1])
+    x0, y0, x1, y1 = box
+    return (max(0, x0 - mx), max(0, y0 - my), min(w - 1, x1 + mx), min(h - 1, y1 + my))

@@ -43,6 +43,7 @@ FAMILY_API = (
     "boxes_to_model",   # boxes_to_model(boxes (N, 4) slice pixels, H, W) -> (N, 4) model pixels
     "postprocess",      # postprocess(low-res logits (N, 1, h, w) torch, (H, W)) -> probabilities (N, H, W) torch
     "margin_pixels",    # margin_pixels(margin at INPUT_SIZE scale, (H, W)) -> (x, y) slice pixels
+    "propagation_box",  # propagation_box(previous mask (H, W), margin at INPUT_SIZE scale) -> next box in slice pixels or None
     "ensure_weights",   # ensure_weights(checkpoint=None, download=True, progress=False, progress_callback=None, cache=None) -> path
     "weights_help",     # weights_help() -> one sentence: how to get the weights by hand
 )

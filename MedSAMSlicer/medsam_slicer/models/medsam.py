@@ -251,3 +251,13 @@ def margin_pixels(margin: float, size: Tuple[int, int]) -> Tuple[int, int]:
     mx = max(1, int(math.ceil(float(margin) * w / INPUT_SIZE - 1e-9)))
     my = max(1, int(math.ceil(float(margin) * h / INPUT_SIZE - 1e-9)))
     return mx, my
+
+
+def propagation_box(mask: np.ndarray, margin: float):
+    """The box a propagated slice is prompted with, from the previous slice's mask: its bounding box
+    in slice pixels grown by `margin` (1024 scale, see margin_pixels), clipped to the slice; None
+    for an empty mask. (MedSAM's box scaling is continuous, so slice pixels lose nothing here.)"""
+    from ..slicing import grow_box, mask_bbox
+
+    box = mask_bbox(mask)
+    return None if box is None else grow_box(box, *margin_pixels(margin, mask.shape), mask.shape)
