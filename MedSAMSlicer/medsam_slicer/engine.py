@@ -249,8 +249,6 @@ class MedSAMEngine:
         Returns foreground probabilities (N, H, W) float32 and the decoder's IoU estimates (N,).
         The embedding may be a torch tensor or (torch-free engines, the disk cache) a numpy array.
         """
-        from . import upsample
-
         height, width = size
         boxes_model = self.family.boxes_to_model(boxes, height, width)
         with self._decode_lock:
@@ -258,12 +256,7 @@ class MedSAMEngine:
                 logits, iou = self._backend_decoder(embedding, boxes_model)
             else:
                 logits, iou = self._torch_decode(embedding, boxes_model)
-        if upsample.has_twin(self.family):
-            prob = upsample.probabilities(self.family, logits, (height, width))
-        else:  # a family without a numpy twin: its own torch postprocess
-            import torch
-
-            prob = self.family.postprocess(torch.from_numpy(logits), (height, width)).float().numpy()
+        prob = self.family.postprocess(logits, (height, width))
         return prob, np.asarray(iou[:, 0], dtype=np.float32)
 
     def _torch_decode(self, embedding, boxes_model):

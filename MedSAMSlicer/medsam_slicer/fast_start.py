@@ -162,13 +162,12 @@ def load(request: Request):
 def record(request: Request, engine) -> None:
     """After a torch load: the manifest that lets the next load of this request skip torch, when its
     encoder and decoder both run on the same exported backend on the CPU. Best effort."""
-    from . import upsample
     from .backends import _write_json
 
     encoder, decoder = engine._encoder, engine._backend_decoder
     auto = getattr(encoder, "auto_verdict_path", None) if request.backend.lower() == "auto" else None
     if (not request.possible() or engine.device != "cpu" or engine.backend == "torch" or decoder is None
-            or getattr(decoder, "name", None) != engine.backend or not upsample.has_twin(engine.family)
+            or getattr(decoder, "name", None) != engine.backend
             or (request.backend.lower() == "auto" and not auto)):
         return
     import torch

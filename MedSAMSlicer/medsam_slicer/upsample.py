@@ -1,10 +1,8 @@
-"""The decoder's low-res logits -> foreground probabilities on the slice, in numpy.
+"""Bilinear resize and sigmoid in numpy, as torch computes them, for the families' `postprocess`.
 
-The engine uses this for every decode so a process that runs cached exported backends never
-imports torch. Each family's twin below does what that family's torch `postprocess` does (its
-reference, tested equal to it within 1e-5 on real logits): crop, one bilinear resize as
-`F.interpolate(mode="bilinear", align_corners=False)` computes it, sigmoid, in that family's order.
-A family without a twin is not run here (`has_twin`); the engine then uses the family's own.
+Every decode's logits become probabilities here, so a process that runs cached exported backends
+never imports torch. `bilinear` is `F.interpolate(mode="bilinear", align_corners=False)` (tested
+equal within 1e-5 on real logits, the same masks).
 """
 from __future__ import annotations
 
@@ -38,26 +36,3 @@ def bilinear(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
 def sigmoid(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):  # exp(-x) overflows to inf for very negative logits: 1/inf = 0
         return (np.float32(1.0) / (np.float32(1.0) + np.exp(-x))).astype(np.float32, copy=False)
-
-
-def _litemedsam(logits: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    from .models.litemedsam import resized_shape
-
-    h, w = resized_shape(int(size[0]), int(size[1]))  # the padding is cropped off first
-    return sigmoid(bilinear(logits[:, 0, :h, :w], size))
-
-
-def _medsam(logits: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    return bilinear(sigmoid(np.asarray(logits[:, 0], dtype=np.float32)), size)
-
-
-_TWINS = {"litemedsam": _litemedsam, "medsam": _medsam}
-
-
-def has_twin(family) -> bool:
-    return getattr(family, "NAME", None) in _TWINS
-
-
-def probabilities(family, logits: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """Low-res logits (N, 1, h, w) as numpy -> probabilities (N, H, W) float32."""
-    return _TWINS[family.NAME](np.asarray(logits, dtype=np.float32), (int(size[0]), int(size[1])))

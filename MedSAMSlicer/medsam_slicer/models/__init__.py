@@ -41,7 +41,7 @@ FAMILY_API = (
     "prepare_encoder",  # prepare_encoder(module, dtype, device, compile) -> f(x, interrupt=None) -> embedding
     "model_input",      # model_input(uint8 slice (H, W) or (H, W, 3)) -> float32 (1, 3, S, S)
     "boxes_to_model",   # boxes_to_model(boxes (N, 4) slice pixels, H, W) -> (N, 4) model pixels
-    "postprocess",      # postprocess(low-res logits (N, 1, h, w) torch, (H, W)) -> probabilities (N, H, W) torch
+    "postprocess",      # postprocess(low-res logits (N, 1, h, w) numpy, (H, W)) -> probabilities (N, H, W) float32 numpy
     "margin_pixels",    # margin_pixels(margin at INPUT_SIZE scale, (H, W)) -> (x, y) slice pixels
     "propagation_box",  # propagation_box(previous mask (H, W), margin at INPUT_SIZE scale) -> next box in slice pixels or None
     "ensure_weights",   # ensure_weights(checkpoint=None, download=True, progress=False, progress_callback=None, cache=None) -> path

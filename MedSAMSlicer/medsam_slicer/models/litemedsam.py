@@ -204,15 +204,13 @@ def boxes_to_model(boxes, height: int, width: int) -> np.ndarray:
     return np.floor(boxes * (INPUT_SIZE / max(height, width)))
 
 
-def postprocess(logits, size: Tuple[int, int]):
-    """Crop the padding off the low-res logits, one bilinear resize to the slice, then sigmoid."""
-    import torch
-    import torch.nn.functional as F
+def postprocess(logits: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Crop the padding off the low-res logits (N, 1, h, w), one bilinear resize to the slice (as
+    torch's F.interpolate, align_corners False), then sigmoid: probabilities (N, H, W) float32."""
+    from ..upsample import bilinear, sigmoid
 
     h, w = resized_shape(int(size[0]), int(size[1]))  # the decoder's low-res grid is the 256 input's
-    crop = logits[..., :h, :w].float()
-    prob = torch.sigmoid(F.interpolate(crop, size=tuple(size), mode="bilinear", align_corners=False))
-    return prob[:, 0]
+    return sigmoid(bilinear(np.asarray(logits, dtype=np.float32)[:, 0, :h, :w], size))
 
 
 def margin_pixels(margin: float, size: Tuple[int, int]) -> Tuple[int, int]:

@@ -235,13 +235,12 @@ def boxes_to_model(boxes, height: int, width: int) -> np.ndarray:
     return boxes / np.array([width, height, width, height], dtype=np.float64) * INPUT_SIZE
 
 
-def postprocess(logits, size: Tuple[int, int]):
-    """Sigmoid, then one bilinear resize (align_corners False) to the slice: (N, H, W)."""
-    import torch
-    import torch.nn.functional as F
+def postprocess(logits: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Sigmoid of the low-res logits (N, 1, h, w), then one bilinear resize (as torch's
+    F.interpolate, align_corners False) to the slice: probabilities (N, H, W) float32."""
+    from ..upsample import bilinear, sigmoid
 
-    prob = F.interpolate(torch.sigmoid(logits.float()), size=tuple(size), mode="bilinear", align_corners=False)
-    return prob[:, 0]
+    return bilinear(sigmoid(np.asarray(logits, dtype=np.float32)[:, 0]), size)
 
 
 def margin_pixels(margin: float, size: Tuple[int, int]) -> Tuple[int, int]:
