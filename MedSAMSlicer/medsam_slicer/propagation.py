@@ -580,14 +580,14 @@ def segment_box3d(
     exists) and either the model scores it higher by DRIFT_SCORE_LEAD or the propagated mask no
     longer looks like the start slice's (then only if the extent's mask is at most
     DEFAULT_MAX_AREA_RATIO times the previous slice's: EXTENT_AREA_EVIDENCE), so a run that slid
-    onto a neighbour finds its way back instead of following it. Otherwise the
-    propagated mask is kept (at a structure's partial-volume end the extent prompt returns large
-    wrong masks). Starts at `start` (default: the middle slice, where the box's extent most likely fits
-    the structure, as in the LiteMedSAM baseline) prompted with the full extent, then goes up to
-    `last` and down to `first`, each slice prompted with the previous mask's box plus margin
-    (the model's own, made in its input frame: `_Run.next_box`), intersected with the extent. An empty mask does not stop: the next slice falls back to the full
-    extent (and counts as an anchor for keep_largest). With clip_to_box, masks are cut to the
-    extent. Slices whose mask came out empty are in `masks` as empty masks (they were segmented)."""
+    onto a neighbour finds its way back instead of following it. Otherwise the propagated mask is
+    kept (at a structure's partial-volume end the extent prompt returns large wrong masks). Starts
+    at `start` (default: the middle slice, where the box's extent most likely fits the structure,
+    as in the LiteMedSAM baseline) prompted with the full extent, then goes up to `last` and down
+    to `first`, each slice prompted with the previous mask's box plus margin (the model's own, made
+    in its input frame: `_Run.next_box`), intersected with the extent. An empty mask does not stop:
+    the next slice falls back to the full extent (and counts as an anchor for keep_largest). With
+    clip_to_box, masks are cut to the extent. Slices whose mask came out empty are in `masks` as empty masks (they were segmented)."""
     run = _Run(predictor, fill_holes, progress, cancel, lookahead)
     margin = run.resolve_margin(margin)
     roi = check_box(box2d, run.shape, "3D box extent")
@@ -619,8 +619,8 @@ def segment_box3d(
             scored_better = score is not None and again_score is not None and again_score > score + DRIFT_SCORE_LEAD
             # never swap in a mask that does not look like the start slice's (EXTENT_LOOKS_EVIDENCE);
             # without the score's lead, not one that leaks past the previous slice's (EXTENT_AREA_EVIDENCE)
-            fits = again.sum() <= DEFAULT_MAX_AREA_RATIO * prev.sum()
-            if again.any() and not drifted(index, again) and (scored_better or (drifted(index, mask) and fits)):
+            leak_free = again.sum() <= DEFAULT_MAX_AREA_RATIO * prev.sum()
+            if again.any() and not drifted(index, again) and (scored_better or (drifted(index, mask) and leak_free)):
                 mask = again
                 run.anchors.add(index)
         run.finish(index, mask)
