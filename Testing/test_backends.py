@@ -261,3 +261,45 @@ def test_auto_keeping_the_torch_encoder_still_decodes_on_a_backend(tiny_sam, tmp
     prob, _ = engine.decode(emb, boxes, (128, 128))
     prob_ref, _ = reference.decode(emb, boxes, (128, 128))
     assert np.abs(prob - prob_ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_auto_verdict_is_keyed_by_the_isa_cap(precision, tiny_sam, tmp_path, monkeypatch):
+    """A calibration timed under an ISA cap (bench.ISA_CAPS, how the benchmarks emulate an AVX2-only
+    CPU) is not reused without it, nor the other way round, at every precision auto runs in."""
+    from medsam_slicer.bench import ISA_CAPS
+    from medsam_slicer.models import get_family
+
+    tried = []
+
+    def refuse(name, *a, **k):
+        tried.append(name)
+        raise backends.BackendError("refused for the test")
+
+    for name in ISA_CAPS["avx2"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(backends, "_has", lambda module: True)
+    monkeypatch.setattr(backends, "prepare", refuse)
+    monkeypatch.setattr(backends, "_seconds", lambda *a, **k: 1.0)
+
+    def calibrate():
+        tried.clear()
+        try:
+            backends.choose(tiny_sam, get_family("medsam"), lambda x: x, None, None, threads=1, precision=precision)
+        except backends.BackendError:
+            assert precision == "int8"  # every int8 backend refused: auto says so
+        return bool(tried), sorted(p.name for p in tmp_path.glob("auto-*.json"))
+
+    calibrated, uncapped = calibrate()
+    assert calibrated and len(uncapped) == 1
+    assert calibrate() == (False, uncapped)  # cached
+    for name, value in ISA_CAPS["avx2"].items():
+        monkeypatch.setenv(name, value)
+    calibrated, both = calibrate()
+    assert calibrated and len(both) == 2  # capped: its own calibration, its own verdict
+    assert calibrate() == (False, both)
+    for name in ISA_CAPS["avx2"]:
+        monkeypatch.delenv(name)
+    assert calibrate() == (False, both)  # uncapped again: the uncapped verdict

@@ -38,7 +38,7 @@ is called the reduced-precision guard below: bf16 and int8 share it.
 ``auto``: a short calibration (each available backend exported, checked, timed on the check slice
 against the torch path) picks the fastest configuration that passes; a backend must beat torch by
 10% to be chosen (timings on a shared CPU are noisy). The verdict is cached per weights, CPU,
-library versions and thread count, so later runs do not calibrate again.
+library versions, thread count and ISA cap in the environment, so later runs do not calibrate again.
 """
 from __future__ import annotations
 
@@ -212,6 +212,17 @@ def cpu_has_fast_bf16() -> bool:
 def cpu_key() -> str:
     info = cpu_info(1)
     return f"{info['model']}|{','.join(info['isa'])}"
+
+
+# The environment variables that cap the instruction sets oneDNN, ATen and MKL use (how the
+# benchmarks emulate an AVX2-only CPU on this one, see bench.ISA_CAPS).
+ISA_CAP_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_cap_key() -> str:
+    """The ISA cap in effect, for the keys of timed verdicts: a calibration timed under one cap (or
+    none) says nothing about another, so a capped run never reuses an uncapped verdict or vice versa."""
+    return ",".join(f"{k}={os.environ.get(k, '').strip()}" for k in ISA_CAP_ENV)
 
 
 # ----------------------------------------------------------------------------------------- cache
@@ -673,7 +684,7 @@ def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Ca
            precision: str = "fp32"):
     """`auto`: (backend name, encoder) of the fastest configuration that passes its guard, from a
     calibration (each candidate timed on the check slice, best of 2 after a warm-up) cached per
-    weights, CPU, library versions and threads. `torch_encoder` is the engine's own torch path (maybe
+    weights, CPU, library versions, threads and ISA cap (`isa_cap_key`). `torch_encoder` is the engine's own torch path (maybe
     bf16, under its own guard), `reference` the fp32 torch encoder the backends are checked against,
     `tag` names the torch path's configuration in the cache key. precision "fp32": ("torch",
     torch_encoder) unless a backend is at least 10% faster; "bf16" (the torch path is bf16): as fp32,
@@ -697,7 +708,8 @@ def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Ca
                                "pip install medsam-slicer[cpu]")
         return "torch", torch_encoder
     digest = weights_digest(net.image_encoder)
-    key = _key([digest, _judge_key(net), family.NAME, torch.__version__, cpu_key(), str(threads), tag, precision]
+    key = _key([digest, _judge_key(net), family.NAME, torch.__version__, cpu_key(), isa_cap_key(), str(threads), tag,
+                precision]
                + [f"{b}={library_version(b)}:{p}" for b, p in pairs.items()] + ([_version("onnxruntime")] if int8 else []))
     path = os.path.join(cache_root(cache), f"auto-{family.NAME}{'-int8' if int8 else ''}-{key}.json")
     verdict = _read_json(path)
