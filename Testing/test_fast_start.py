@@ -88,6 +88,49 @@ def test_the_key_follows_weights_request_and_environment(lite_weights, tmp_path,
         assert not never.possible() and fast_start.plan(never) is None
 
 
+def test_the_model_s_own_weights_are_hashed_once_per_start(lite_weights, tmp_path, monkeypatch):
+    """`MedSAMEngine.load` of a model's own weights checks them against their pin (one SHA-256) and
+    passes that digest on: the fast start's key is the same as from hashing the file, without a
+    second hash. A file that does not match its pin is refused before any fast start."""
+    import shutil
+
+    from medsam_slicer import weights
+    from medsam_slicer.engine import MedSAMEngine
+    from medsam_slicer.models import litemedsam
+
+    cached = tmp_path / "weights" / litemedsam.FILENAME
+    cached.parent.mkdir()
+    shutil.copyfile(lite_weights, cached)
+    monkeypatch.setattr(litemedsam, "package_asset", lambda: None)  # the cached copy is the model's own file
+    monkeypatch.setenv(weights.CACHE_ENV, str(cached.parent))
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path / "backends"))
+    hashed, requests = [], []
+    sha256_file = weights.sha256_file
+    monkeypatch.setattr(weights, "sha256_file", lambda path, *a: hashed.append(path) or sha256_file(path, *a))
+
+    class Stop(Exception):
+        pass
+
+    def load(request):
+        requests.append(request)
+        fast_start.manifest_path(request)  # what plan() keys the manifest on
+        raise Stop
+
+    monkeypatch.setattr(fast_start, "load", load)
+    with pytest.raises(Stop):
+        MedSAMEngine.load("litemedsam", None, device="cpu", backend="onnx")
+    assert hashed == [str(cached)] and requests[0].sha256 == litemedsam.SHA256
+    unhashed = fast_start.Request(*[getattr(requests[0], f) for f in ("checkpoint", "model", "device", "precision",
+                                                                       "backend")])
+    assert fast_start.manifest_path(unhashed) == fast_start.manifest_path(requests[0])
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 1
+    cached.write_bytes(bytes(data))
+    with pytest.raises(weights.WeightsError, match="does not match"):
+        MedSAMEngine.load("litemedsam", None, device="cpu", backend="onnx")
+    assert len(requests) == 1
+
+
 def _segment(ct_path, cache, tmp_path, run: str, *flags):
     """One `segment` in a fresh process: (probabilities [k, j, i], whether torch was imported)."""
     import SimpleITK as sitk

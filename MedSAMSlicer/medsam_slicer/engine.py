@@ -168,16 +168,19 @@ class MedSAMEngine:
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto",
-                        model: Optional[str] = None, backend: Optional[str] = None) -> "MedSAMEngine":
+                        model: Optional[str] = None, backend: Optional[str] = None,
+                        sha256: Optional[str] = None) -> "MedSAMEngine":
         """Loads a weights file; its family is recognised from the tensors unless `model` names it.
-        backend None: $MEDSAM_SLICER_BACKEND if set, else torch (auto for precision int8)."""
+        backend None: $MEDSAM_SLICER_BACKEND if set, else torch (auto for precision int8). sha256: the
+        file's digest when the caller has just checked it (the fast start's key then does not hash the
+        file again); None: hashed here if a fast start could apply."""
         import os
 
         from . import fast_start
 
         backend = backend or os.environ.get(BACKEND_ENV, "").strip() or (
             "auto" if str(precision).lower() == "int8" else "torch")
-        request = fast_start.Request(path, model, device, precision, backend)
+        request = fast_start.Request(path, model, device, precision, backend, sha256)
         engine = fast_start.load(request)  # None unless every export and verdict it needs is cached
         if engine is None:
             net, family, arch = load_model(path, model)
@@ -197,16 +200,19 @@ class MedSAMEngine:
         or downloaded and verified by its family."""
         from .models import get_family
 
+        sha256 = None
         if checkpoint is None or not str(checkpoint).strip():
             family = get_family(model)
             checkpoint = family.ensure_weights(None, download=download, progress=progress,
                                                progress_callback=progress_callback)
             model = family.NAME
+            sha256 = verified_sha256(family, checkpoint)
         else:
             from .weights import ensure_weights
 
             checkpoint = ensure_weights(checkpoint)  # a one-line error for a missing file
-        return cls.from_checkpoint(checkpoint, device=device, precision=precision, model=model, backend=backend)
+        return cls.from_checkpoint(checkpoint, device=device, precision=precision, model=model, backend=backend,
+                                   sha256=sha256)
 
     @property
     def input_size(self) -> int:
@@ -280,6 +286,21 @@ class MedSAMEngine:
         if embedding is None:
             embedding = self.encode(image)
         return self.decode(embedding, boxes, image.shape[:2])
+
+
+def verified_sha256(family, path: str) -> Optional[str]:
+    """The SHA-256 a model's own weights file was just checked against by `family.ensure_weights(None)`
+    (every family verifies what it returns: the family's pin, else the pin for the file's name, else the
+    digest recorded at its download, as weights.verify; a mismatch raised there). Equal to the file's
+    digest, so the fast start's key reuses it instead of hashing the file a second time (~30 ms for
+    LiteMedSAM). None when no digest is known (then the key hashes the file)."""
+    from . import weights
+
+    try:
+        return (getattr(family, "SHA256", None) or weights.pinned_sha256(path)
+                or weights.recorded_sha256(path))
+    except Exception:  # noqa: BLE001 - an unreadable record: the key hashes the file itself
+        return None
 
 
 def checkpoint_ident(path: str) -> str:

@@ -28,13 +28,15 @@ _LIBRARIES = ("torch", "onnxruntime", "openvino", "onnx", "onnxscript")
 
 @dataclass
 class Request:
-    """What `MedSAMEngine.from_checkpoint` was asked for."""
+    """What `MedSAMEngine.from_checkpoint` was asked for. sha256: the weights file's digest when the
+    caller has already computed it (checking the file against its pin), else None (hashed for the key)."""
 
     checkpoint: str
     model: Optional[str]
     device: str
     precision: str
     backend: str
+    sha256: Optional[str] = None
 
     def possible(self) -> bool:
         """Only an exported backend on the CPU can run without torch ("auto" may resolve to one)."""
@@ -68,7 +70,7 @@ def manifest_path(request: Request) -> str:
     from .weights import sha256_file
 
     precision = (request.precision or "auto").lower()
-    parts = [FORMAT, sha256_file(request.checkpoint), _source_digest(), sys.version.split()[0], cpu_key(),
+    parts = [FORMAT, request.sha256 or sha256_file(request.checkpoint), _source_digest(), sys.version.split()[0], cpu_key(),
              str(os.cpu_count()), str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "")]
     parts += [f"{lib}={_version(lib)}" for lib in _LIBRARIES] + [f"{k}={os.environ.get(k, '')}" for k in _ENV]
     parts += [str(request.model or "").lower(), (request.device or "auto").lower(), precision,
