@@ -303,3 +303,57 @@ def test_auto_verdict_is_keyed_by_the_isa_cap(precision, tiny_sam, tmp_path, mon
     for name in ISA_CAPS["avx2"]:
         monkeypatch.delenv(name)
     assert calibrate() == (False, both)  # uncapped again: the uncapped verdict
+
+
+def test_auto_rule_prefers_a_tying_backend_that_saves_the_torch_import():
+    """auto_choice on given timings (seconds per slice, import seconds; none measured here)."""
+    imports = {"torch": 1.5, "openvino": 0.12, "onnxruntime": 0.04}  # as measured on a 2-core Zen 4
+    choice = backends.auto_choice
+    # Clearly faster per slice (<= AUTO_MARGIN of torch): taken, import times or not.
+    assert choice({"torch": 0.62, "onnx": 0.75, "openvino": 0.55}) == "openvino"
+    assert choice({"torch": 0.62, "openvino": 0.55}, imports) == "openvino"
+    # A tie (LiteMedSAM under the AVX2 cap): taken when the import it saves pays for its extra time.
+    assert choice({"torch": 0.62, "openvino": 0.645}, imports) == "openvino"
+    assert choice({"torch": 0.62, "onnx": 0.60, "openvino": 0.58}, imports) == "openvino"  # the faster tie
+    assert choice({"torch": 0.62, "onnx": 0.60, "openvino": 0.645}, imports) == "onnx"
+    # ... but not without import times, nor when the runtime imports about as slowly as torch.
+    assert choice({"torch": 0.62, "openvino": 0.645}) == "torch"
+    assert choice({"torch": 0.62, "openvino": 0.645}, {"torch": 1.5, "openvino": None}) == "torch"
+    assert choice({"torch": 0.62, "openvino": 0.645}, {"torch": 0.5, "openvino": 0.5}) == "torch"
+    # The margin's protection: never a backend more than AUTO_TIE slower per slice.
+    assert choice({"torch": 0.62, "openvino": 0.62 * backends.AUTO_TIE * 1.01}, imports) == "torch"
+    # ViT-B (~7 s per slice): 3% slower costs more than the import saves over AUTO_BREAK_EVEN_SLICES slices.
+    assert choice({"torch": 7.2, "openvino": 7.4}, imports) == "torch"
+    assert choice({"torch": 7.2, "onnx": 6.65}, imports) == "onnx"  # faster, short of the margin: the import decides
+    assert choice({"torch": 7.2, "onnx": 6.65}) == "torch"
+
+
+def test_auto_times_the_imports_only_on_a_tie_and_records_them(tiny_sam, tmp_path, monkeypatch):
+    from medsam_slicer.models import get_family
+
+    class Fake:
+        def __init__(self, name):
+            self.name, self.precision = name, "fp32"
+
+    per_slice = {"onnx": 1.5, "openvino": 0.97}  # torch: 1.0; onnx refused by the margin, openvino ties
+    measured = []
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(backends, "_has", lambda module: True)
+    monkeypatch.setattr(backends, "prepare", lambda name, *a, **k: Fake(name))
+    monkeypatch.setattr(backends, "_seconds", lambda encoder, x: per_slice[encoder.name] if isinstance(encoder, Fake)
+                        else 1.0)
+    monkeypatch.setattr(backends, "import_seconds", lambda m: measured.append(m) or {"torch": 1.5}.get(m, 0.1))
+    family = get_family("medsam")
+    name, encoder = backends.choose(tiny_sam, family, lambda x: x, None, None, threads=1)
+    assert name == "openvino" and isinstance(encoder, Fake) and sorted(measured) == ["openvino", "torch"]
+    import json
+
+    verdict = json.loads(next(tmp_path.glob("auto-*.json")).read_text())
+    assert verdict["choice"] == "openvino" and verdict["import_s"] == {"torch": 1.5, "openvino": 0.1}
+    # No tie (a backend clearly faster, or all slower): no import measured.
+    for per_slice["openvino"] in (0.5, 2.0):
+        measured.clear()
+        for f in tmp_path.glob("auto-*.json"):
+            f.unlink()
+        name, _ = backends.choose(tiny_sam, family, lambda x: x, None, None, threads=1)
+        assert name == ("openvino" if per_slice["openvino"] < 1 else "torch") and measured == []

@@ -37,7 +37,8 @@ is called the reduced-precision guard below: bf16 and int8 share it.
 
 ``auto``: a short calibration (each available backend exported, checked, timed on the check slice
 against the torch path) picks the fastest configuration that passes; a backend must beat torch by
-10% to be chosen (timings on a shared CPU are noisy). The verdict is cached per weights, CPU,
+10% to be chosen (timings on a shared CPU are noisy), or tie with it (<= 5% slower) when starting
+without torch saves more than that costs (see `auto_choice`). The verdict is cached per weights, CPU,
 library versions, thread count and ISA cap in the environment, so later runs do not calibrate again.
 """
 from __future__ import annotations
@@ -70,7 +71,12 @@ CACHE_ENV = "MEDSAM_SLICER_BACKEND_CACHE"
 MIN_AGREEMENT = 0.999
 MAX_RELATIVE_ERROR = 1e-3
 CONFIDENT = (0.45, 0.55)
-AUTO_MARGIN = 0.9  # auto takes a backend only if it needs <= 90% of the torch path's time
+AUTO_MARGIN = 0.9  # auto takes a backend only if it needs <= 90% of the torch path's time ...
+# ... or, since a command line whose exports are cached starts without importing torch (fast_start.py),
+# one that ties with torch (<= 105% of its time) and whose start saves more than 20 slices' worth of
+# its extra time: see auto_choice.
+AUTO_TIE = 1.05
+AUTO_BREAK_EVEN_SLICES = 20
 
 CHECK_SLICE = 20  # CTChest4 slice with lung, mediastinum and body outline
 CHECK_BOXES = ((20, 30, 60, 95), (55, 70, 75, 100), (5, 10, 120, 118), (70, 30, 110, 90))
@@ -679,6 +685,62 @@ def _seconds(encoder: Callable, x, repeats: int = 2) -> float:
     return best
 
 
+IMPORT_PROBE = "import numpy, time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+
+
+def import_seconds(module: str, timeout: float = 60.0) -> Optional[float]:
+    """Seconds a fresh Python process takes to import `module` after numpy (which the torch-free start
+    imports anyway), or None if that cannot be measured."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", IMPORT_PROBE.format(module=module)], capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def _ties(seconds: Dict[str, float]) -> List[str]:
+    """The backends within the tie window: not AUTO_MARGIN faster than torch, at most AUTO_TIE slower."""
+    torch_s = seconds["torch"]
+    return [b for b, s in seconds.items() if b != "torch" and AUTO_MARGIN * torch_s < s <= AUTO_TIE * torch_s]
+
+
+def auto_choice(seconds: Dict[str, float], import_s: Optional[Dict[str, Optional[float]]] = None) -> str:
+    """`auto`'s rule (fp32 and bf16) on the calibration's seconds per slice (torch and each backend
+    that passed) and the seconds a fresh process takes to import torch and each backend's runtime.
+
+    The fastest backend is taken if it needs <= AUTO_MARGIN (90%) of torch's time: one calibration's
+    backend/torch ratio varies by up to ~10% between repeats on a shared CPU, so this margin keeps
+    a backend that is in fact slower per slice from being chosen by chance. A backend in the tie window (90-105%
+    of torch's time) is still worth taking in a command line: with its exports cached, `segment` then
+    starts without importing torch (fast_start.py). Measured on a 2-core Zen 4 (avx512_bf16), 3 runs each:
+    importing torch 1.46-1.55 s, OpenVINO 0.11-0.14 s, ONNX Runtime 0.03-0.04 s after numpy; under the
+    AVX2 cap LiteMedSAM's encoder took 0.59-0.66 s per slice on torch, ONNX Runtime 0.91-1.06x and
+    OpenVINO 0.92-1.24x that; whole `segment` runs of 3 slices 3.2 s on OpenVINO without torch against
+    4.2 s on torch. So the fastest backend in the tie window is taken when the import it saves (torch's minus
+    its runtime's) pays for AUTO_BREAK_EVEN_SLICES slices at its extra time per slice, if any: for
+    LiteMedSAM (0.6 s per slice) 5% slower costs 0.6 s over 20 slices against ~1.4 s saved; for ViT-B
+    (~7 s per slice) only an exact tie qualifies. Never a backend more than 5% slower per slice, so a
+    long-lived process (Slicer, the server), which gains no import, loses at most that. Without
+    import times (not measured) the tie goes to torch, as before."""
+    best = min(seconds, key=seconds.get)
+    torch_s = seconds["torch"]
+    if best != "torch" and seconds[best] <= AUTO_MARGIN * torch_s:
+        return best
+    import_s = import_s or {}
+    for name in sorted(_ties(seconds), key=seconds.get):
+        torch_import, runtime_import = import_s.get("torch"), import_s.get(RUNTIME_MODULE.get(name, name))
+        if torch_import is None or runtime_import is None:
+            continue
+        saved = torch_import - runtime_import
+        if saved > 0 and saved >= AUTO_BREAK_EVEN_SLICES * max(0.0, seconds[name] - torch_s):
+            return name
+    return "torch"
+
+
 def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Callable, threads: Optional[int] = None,
            cache: Optional[str] = None, candidates: Optional[Sequence[str]] = None, log=None, tag: str = "",
            precision: str = "fp32"):
@@ -687,7 +749,8 @@ def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Ca
     weights, CPU, library versions, threads and ISA cap (`isa_cap_key`). `torch_encoder` is the engine's own torch path (maybe
     bf16, under its own guard), `reference` the fp32 torch encoder the backends are checked against,
     `tag` names the torch path's configuration in the cache key. precision "fp32": ("torch",
-    torch_encoder) unless a backend is at least 10% faster; "bf16" (the torch path is bf16): as fp32,
+    torch_encoder) unless a backend is at least 10% faster, or ties with torch and saves its import
+    (`auto_choice`; the imports are timed in fresh processes only when a backend ties); "bf16" (the torch path is bf16): as fp32,
     but a backend that runs bf16 (OpenVINO on a CPU with bf16 units) competes in bf16; "int8"
     (opt-in): the fastest backend whose int8 model passes the guard, a BackendError naming each
     refusal if none does. The chosen encoder's `.precision` says what it computes in."""
@@ -708,8 +771,9 @@ def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Ca
                                "pip install medsam-slicer[cpu]")
         return "torch", torch_encoder
     digest = weights_digest(net.image_encoder)
+    rule = "" if int8 else f"margin={AUTO_MARGIN},tie={AUTO_TIE},slices={AUTO_BREAK_EVEN_SLICES}"
     key = _key([digest, _judge_key(net), family.NAME, torch.__version__, cpu_key(), isa_cap_key(), str(threads), tag,
-                precision]
+                precision, rule]
                + [f"{b}={library_version(b)}:{p}" for b, p in pairs.items()] + ([_version("onnxruntime")] if int8 else []))
     path = os.path.join(cache_root(cache), f"auto-{family.NAME}{'-int8' if int8 else ''}-{key}.json")
     verdict = _read_json(path)
@@ -725,11 +789,17 @@ def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Ca
                 failures[name] = str(exc)
                 continue
             timings[name] = _seconds(encoder, x)
-        best = min(timings, key=timings.get) if timings else None
-        if not int8 and best != "torch" and timings[best] > AUTO_MARGIN * timings["torch"]:
-            best = "torch"
+        imports = None
+        if int8:
+            best = min(timings, key=timings.get) if timings else None
+        else:
+            if _ties(timings):  # only then do the imports matter (~2 s to measure)
+                imports = {m: import_seconds(m) for m in ["torch"] + [RUNTIME_MODULE[b] for b in _ties(timings)]}
+            best = auto_choice(timings, imports)
         verdict = {"choice": best, "precision": pairs.get(best, precision),
                    "seconds": {k: round(v, 4) for k, v in timings.items()}, "failed": failures}
+        if imports is not None:
+            verdict["import_s"] = {k: None if v is None else round(v, 3) for k, v in imports.items()}
         _write_json(path, verdict)
         if log is not None:
             log(f"backend auto ({precision}): {best} ({', '.join(f'{k} {v:.2f} s' for k, v in timings.items())})")
