@@ -11,6 +11,11 @@ brain      an MR organ set: the Colin27 T1 brain (MRIcron's ch2 template, Debian
            this very brain (caudate, putamen, thalamus, hippocampus, left and right) and the brain
            itself (the skull-stripped ch2bet > 0). Every third 1 mm axial slice is kept: a 3 mm
            axial series, as clinical MR is often acquired.
+abdomen    an abdominal CT (3 mm voxels, 30 slices) and an abdominal MR (3 mm, 20 slices) with seven
+           organs each (spleen, kidneys, gallbladder, liver, stomach, pancreas): TotalSegmentator's test
+           cases (Apache-2.0), from its source archive on PyPI (38 MB, fetched with pip, SHA-256
+           pinned). Their labels are TotalSegmentator's own output, not an expert's: a strong model's
+           contours, good on large organs, coarser on the pancreas and where organs touch.
 """
 from __future__ import annotations
 
@@ -34,7 +39,14 @@ TUMOUR_CASES = ("brain1", "brain2", "breast1", "lung1", "lung2")
 # AAL atlas values (aal.nii.txt) of regions with a visible boundary on T1
 AAL_REGIONS = {"caudate": (71, 72), "putamen": (73, 74), "thalamus": (77, 78), "hippocampus": (37, 38)}
 BRAIN_SLICE_STEP = 3
-DATASETS = ("ctchest", "tumours", "brain")
+TOTALSEG_SDIST = "totalsegmentator==2.18.0"
+TOTALSEG_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
+# TotalSegmentator's label values (its class map, tasks "total" and "total_mr": the same numbers)
+ABDOMEN_ORGANS = {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "liver", 6: "stomach",
+                  7: "pancreas"}
+ABDOMEN_CASES = {"abdomen-ct": ("example_ct_sm.nii.gz", "example_seg.nii.gz"),
+                 "abdomen-mr": ("example_mr_sm.nii.gz", "example_seg_mr.nii.gz")}
+DATASETS = ("ctchest", "tumours", "brain", "abdomen")
 
 
 def tumour_dir(cache_dir: str) -> str:
@@ -76,6 +88,35 @@ def brain_dir(cache_dir: str) -> str:
         subprocess.run(["dpkg-deb", "-x", deb, staging], check=True)
         os.replace(staging, out)
     return templates
+
+
+def abdomen_dir(cache_dir: str) -> str:
+    """TotalSegmentator's test images and labels, unpacked from its source archive on first use."""
+    import sys
+
+    out = os.path.join(cache_dir, "totalsegmentator-2.18.0-data")
+    wanted = [name for pair in ABDOMEN_CASES.values() for name in pair]
+    if all(os.path.exists(os.path.join(out, name)) for name in wanted):
+        return out
+    os.makedirs(cache_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                        "-d", tmp, TOTALSEG_SDIST], check=True, capture_output=True)
+        (archive,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
+        with open(archive, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != TOTALSEG_SHA256:
+            raise RuntimeError(f"TotalSegmentator archive has SHA-256 {digest}, expected {TOTALSEG_SHA256}")
+        staging = os.path.join(tmp, "data")
+        os.makedirs(staging)
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                name = os.path.basename(member.name)
+                if member.isfile() and member.name.endswith(f"tests/reference_files/{name}") and name in wanted:
+                    with tar.extractfile(member) as src, open(os.path.join(staging, name), "wb") as dst:
+                        dst.write(src.read())
+        os.replace(staging, out)
+    return out
 
 
 def _brain_case(cache_dir: str):
@@ -126,5 +167,15 @@ def cases(dataset: str, cache_dir: str) -> Iterator[Tuple[str, object, Dict[str,
     elif dataset == "brain":
         volume, truths = _brain_case(cache_dir)
         yield "brain", volume, truths
+    elif dataset == "abdomen":
+        import SimpleITK as sitk
+
+        folder = abdomen_dir(cache_dir)
+        for case, (image, labels) in ABDOMEN_CASES.items():
+            volume = read_volume(os.path.join(folder, image))
+            label = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, labels)))
+            if label.shape != volume.array.shape:
+                raise RuntimeError(f"{case}: label grid {label.shape} differs from the image's {volume.array.shape}")
+            yield case, volume, {name: label == value for value, name in ABDOMEN_ORGANS.items()}
     else:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
