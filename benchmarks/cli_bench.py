@@ -94,7 +94,7 @@ def model_rows(model: str, ct: str, tmp: str, box_args, env):
                      os.path.join(tmp, "ref.nii.gz")] + box_args
         variants = [("--precision fp32 --backend torch", False), ("(precision auto, backend torch)", False),
                     ("--backend auto", True), ("--precision int8", True)]
-        if backends.available("openvino"):  # auto may keep torch (a tie); a cached export starts without torch
+        if backends.available("openvino"):  # auto may keep torch or pick onnx; a cached export starts without torch
             variants.append(("--backend openvino", True))
     rows = [("reference (published pipeline, fp32)", reference, False)]
     for n, (flags, warm) in enumerate(variants):
