@@ -70,5 +70,27 @@ def test_a_cancel_during_the_pick_stops_scoring_windows(tiny_engine, ct_array):
 
     session.segment_slice = segment_then_cancel
     window, scores = pick_window(session, "k", 17, (40, 40, 80, 80), cancel=cancel)
-    assert tried == ["400/40"] and list(scores) == ["400/40"] and window.name == "400/40"
+    assert set(tried) == {"400/40"} and list(scores) == ["400/40"] and window.name == "400/40"
+    session.close()
+
+
+def test_each_window_is_scored_on_the_seed_and_its_neighbours(tiny_engine, ct_array):
+    session = LocalSession(tiny_engine, ct_array, choose_window(ct_array))
+    asked = {}
+    segment = session.segment_slice
+
+    def spy(axis, index, box):
+        mask, score = segment(axis, index, box)
+        asked.setdefault(session.window.name, {})[index] = score
+        return mask, score
+
+    session.segment_slice = spy
+    window, scores = pick_window(session, "k", 17, (40, 40, 80, 80))
+    assert set(asked) == set(scores) and all(set(per) == {16, 17, 18} for per in asked.values())
+    for name, per in asked.items():  # the window's evidence is the mean of its three scores
+        assert scores[name] == pytest.approx(np.mean(list(per.values())))
+    assert scores[window.name] == max(scores.values())
+    asked.clear()
+    pick_window(session, "k", 0, (40, 40, 80, 80))  # at the volume's edge: the seed and its one neighbour
+    assert all(set(per) == {0, 1} for per in asked.values())
     session.close()
