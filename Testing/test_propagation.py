@@ -400,7 +400,10 @@ def test_mode_b_box3d_on_ct_lung(segments):
     assert result.stop_reasons == {"up": "end of range", "down": "end of range"}
     assert oracle.requests[0] == ((first + last) // 2, roi)
     assert all(first <= i <= last for i, _ in oracle.requests)
-    assert all(x0 >= roi[0] and y0 >= roi[1] and x1 <= roi[2] and y1 <= roi[3] for _, (x0, y0, x1, y1) in oracle.requests)
+    # the next box is the previous (clipped) mask's box plus the margin, not cut to the 3D box: it
+    # reaches past the box where the lung touches it, by no more than the margin (2 px here)
+    outside = [max(roi[0] - x0, roi[1] - y0, x1 - roi[2], y1 - roi[3]) for _, (x0, y0, x1, y1) in oracle.requests]
+    assert 0 < max(outside) <= 2
     # each slice: the propagated box and, for drift, the extent; no (slice, box) is asked twice
     assert max(oracle.calls.values()) == 2 and len(set(oracle.requests)) == len(oracle.requests)
     assert {box for index, box in oracle.requests if oracle.calls[index] == 2} >= {roi}
@@ -480,6 +483,41 @@ def test_mode_b_swaps_in_no_leaking_extent_mask_without_the_scores_lead():
     model = EndInsideTheBox(extent_score=0.8 + DRIFT_SCORE_LEAD + 0.05)
     result = segment_box3d(model, model.roi, 0, 8, keep_largest=False, clip_to_box=False)
     assert np.array_equal(result.masks[8], model.region)  # the score's lead decides
+
+
+class SureOfTheNeighbour:
+    """Mode b on a square that fills its 3D box's middle; prompted with the whole box on any other
+    slice, the model answers a larger region of other tissue with a higher score (`extent_score`),
+    while the propagated prompt finds the square with `propagated_score`. The start slice (prompted
+    with the whole box) finds the square with 0.8."""
+
+    def __init__(self, propagated_score: float, extent_score: float = 0.95):
+        self.n_slices, self.slice_shape = 9, (40, 40)
+        self.truth = np.zeros((9, 40, 40), bool)
+        self.truth[:, 12:28, 12:28] = True
+        self.roi = (8, 8, 31, 31)
+        self.scores = propagated_score, extent_score
+
+    def __call__(self, index, box):
+        if tuple(int(v) for v in box) != self.roi:
+            return self.truth[index].copy(), self.scores[0]
+        if index == 4:
+            return self.truth[index].copy(), 0.8
+        region = np.zeros(self.slice_shape, bool)
+        region[8:32, 8:32] = True
+        return region, self.scores[1]
+
+
+def test_mode_b_swaps_only_when_the_propagated_mask_scores_under_the_start_slice():
+    """DRIFT_SEED_EVIDENCE: the extent's lead in score calls for a swap only while the propagated
+    mask scores under the start slice's mask; a mask the model is as sure of is no drift."""
+    sure = SureOfTheNeighbour(propagated_score=0.82)  # the extent still leads by 0.13
+    result = segment_box3d(sure, sure.roi, 0, 8, keep_largest=False)
+    assert dice(result.volume("k", sure.truth.shape), sure.truth) == 1.0
+    unsure = SureOfTheNeighbour(propagated_score=0.7)
+    result = segment_box3d(unsure, unsure.roi, 0, 8, keep_largest=False)
+    swapped = [k for k, mask in result.masks.items() if mask.sum() == 24 * 24]
+    assert swapped == [k for k in range(9) if k != 4]
 
 
 def test_mode_b_empty_mask_falls_back_to_box_extent():

@@ -1,7 +1,7 @@
 """Real-model accuracy on labelled volumes: 2D prompts, the 3D modes and the official 3D baseline.
 
     python benchmarks/accuracy_eval.py [--model litemedsam|medsam] [--checkpoint FILE]
-        [--data ctchest|tumours|all] [--structures "right lung,left lung"]
+        [--data ctchest|tumours|brain|abdomen|all] [--structures "right lung,left lung"]
         [--window auto|model|PRESET|W,L] [--key-every 5] [--cache-dir DIR] [--window-sweep] [--json out.json]
 
 Data (eval_data.py): slicerio's CT chest sample with its expert segmentation, and pyradiomics' five
@@ -400,7 +400,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--data", default="ctchest", choices=DATASETS + ("all",),
-                        help="ctchest (slicerio's CT sample), tumours (pyradiomics' 5 cases, downloaded once) or all")
+                        help="ctchest (slicerio's CT sample), tumours (pyradiomics' 5 cases), brain (Colin27 and AAL), "
+                             "abdomen (TotalSegmentator's test CT and MR); all but ctchest are downloaded once; or all")
     parser.add_argument("--structures", help="comma-separated names (default: every segment)")
     parser.add_argument("--window", default="auto",
                         help="auto (choose_window), model (picked per structure by the model's score, as segment "
