@@ -316,16 +316,21 @@ def window_sweep(engine, volume, truths: Dict[str, np.ndarray], cache, windows=S
     return out
 
 
-def print_window_sweep(sweep: dict) -> None:
+def print_window_sweep(sweep: dict, picks: Optional[Dict[str, str]] = None) -> None:
+    """The sweep's table; * marks the window the product picked for the structure (`picks`:
+    structure -> "W/L", as window_choice names its candidates), else the median slice's best score."""
     names = list(next(iter(sweep.values()))["dice_mean"])
-    print("\n### 2D Dice (mean over up to 9 slices per structure, tight boxes) per window; * = window the model's score picks on the median slice\n")
+    by_value = {tuple(float(v) for v in SWEEP_WINDOWS[w]): w for w in names}
+    print("\n### 2D Dice (mean over up to 9 slices per structure, tight boxes) per window; * = the window the product "
+          "picked (else the one the model's score prefers on the median slice)\n")
     print("| structure | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for name, per in sweep.items():
-        cells = []
-        for w in names:
-            mark = "*" if per["picked_by_score"] == w else ""
-            cells.append(f"{per['dice_mean'][w]:.3f}{mark}")
+        picked = (picks or {}).get(name)  # the product names CT picks "W/L" (presets by their own names)
+        if picked is not None and "/" in picked:
+            picked = by_value.get(tuple(float(v) for v in picked.split("/")), picked)
+        marked = picked if picked in names else per["picked_by_score"]
+        cells = [f"{per['dice_mean'][w]:.3f}{'*' if w == marked else ''}" for w in names]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
@@ -460,7 +465,7 @@ def main(argv=None) -> int:
     out = {"model": args.model, "window": args.window, "rows": rows, "summary": lines}
     if sweeps:
         out["window_sweep"] = sweeps
-        print_window_sweep(sweeps)
+        print_window_sweep(sweeps, {r["structure"]: r["window"] for r in rows if r["window"] != "mr"})
     print(f"\n{time.time() - t0:.0f} s, {encoded} slices encoded (the rest from the cache)")
     if args.json:
         with open(args.json, "w") as f:
