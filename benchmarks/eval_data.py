@@ -49,6 +49,23 @@ ABDOMEN_CASES = {"abdomen-ct": ("example_ct_sm.nii.gz", "example_seg.nii.gz"),
 DATASETS = ("ctchest", "tumours", "brain", "abdomen")
 
 
+def _unpack(archive: str, sha256: str, out: str, keep) -> None:
+    """Checks `archive` against its pinned SHA-256 and unpacks the files whose member path `keep`
+    accepts, flat, into `out` (all or nothing: staged beside it, then moved into place)."""
+    with open(archive, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != sha256:
+        raise RuntimeError(f"{os.path.basename(archive)} has SHA-256 {digest}, expected {sha256}")
+    staging = os.path.join(os.path.dirname(archive), "data")
+    os.makedirs(staging)
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and keep(member.name):
+                with tar.extractfile(member) as src, open(os.path.join(staging, os.path.basename(member.name)), "wb") as dst:
+                    dst.write(src.read())
+    os.replace(staging, out)
+
+
 def tumour_dir(cache_dir: str) -> str:
     """The unpacked pyradiomics test cases, downloaded on first use."""
     out = os.path.join(cache_dir, "pyradiomics-3.1.0-data")
@@ -58,19 +75,7 @@ def tumour_dir(cache_dir: str) -> str:
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         archive = os.path.join(tmp, "sdist.tar.gz")
         urllib.request.urlretrieve(PYRADIOMICS_SDIST, archive)
-        with open(archive, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != PYRADIOMICS_SHA256:
-            raise RuntimeError(f"pyradiomics archive has SHA-256 {digest}, expected {PYRADIOMICS_SHA256}")
-        staging = os.path.join(tmp, "data")
-        os.makedirs(staging)
-        with tarfile.open(archive) as tar:
-            for member in tar.getmembers():
-                name = os.path.basename(member.name)
-                if member.isfile() and member.name.split("/")[-2:-1] == ["data"] and name.endswith(".nrrd"):
-                    with tar.extractfile(member) as src, open(os.path.join(staging, name), "wb") as dst:
-                        dst.write(src.read())
-        os.replace(staging, out)
+        _unpack(archive, PYRADIOMICS_SHA256, out, lambda path: path.split("/")[-2:-1] == ["data"] and path.endswith(".nrrd"))
     return out
 
 
@@ -103,19 +108,7 @@ def abdomen_dir(cache_dir: str) -> str:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
                         "-d", tmp, TOTALSEG_SDIST], check=True, capture_output=True)
         (archive,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
-        with open(archive, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != TOTALSEG_SHA256:
-            raise RuntimeError(f"TotalSegmentator archive has SHA-256 {digest}, expected {TOTALSEG_SHA256}")
-        staging = os.path.join(tmp, "data")
-        os.makedirs(staging)
-        with tarfile.open(archive) as tar:
-            for member in tar.getmembers():
-                name = os.path.basename(member.name)
-                if member.isfile() and member.name.endswith(f"tests/reference_files/{name}") and name in wanted:
-                    with tar.extractfile(member) as src, open(os.path.join(staging, name), "wb") as dst:
-                        dst.write(src.read())
-        os.replace(staging, out)
+        _unpack(archive, TOTALSEG_SHA256, out, lambda path: path.endswith(tuple(f"/tests/reference_files/{n}" for n in wanted)))
     return out
 
 
