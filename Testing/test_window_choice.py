@@ -9,7 +9,7 @@ from medsam_slicer.models import litemedsam
 from medsam_slicer.segment_command import Job
 from medsam_slicer.session import LocalSession
 from medsam_slicer.slicing import mask_bbox
-from medsam_slicer.window_choice import CANDIDATES, pick_window, seed_of, window_for_job
+from medsam_slicer.window_choice import CANDIDATES, evidence_slices, pick_window, seed_of, window_for_job
 from medsam_slicer.windowing import choose_window
 
 
@@ -94,3 +94,10 @@ def test_each_window_is_scored_on_the_seed_and_its_neighbours(tiny_engine, ct_ar
     pick_window(session, "k", 0, (40, 40, 80, 80))  # at the volume's edge: the seed and its one neighbour
     assert all(set(per) == {0, 1} for per in asked.values())
     session.close()
+
+
+def test_a_session_without_a_volume_is_scored_on_the_seed_alone():
+    class Remote:  # a session that exposes no volume (e.g. one that only forwards requests)
+        pass
+
+    assert evidence_slices(Remote(), "k", 5) == [5]

@@ -65,7 +65,9 @@ def seed_of(job) -> Tuple[int, Tuple[int, int, int, int]]:
 def evidence_slices(session, axis: str, index: int) -> List[int]:
     """The seed slice and its neighbours inside the volume (the seed alone if the session has no volume)."""
     volume = getattr(session, "volume", None)
-    count = slice_count(volume.shape, axis) if volume is not None else index + 1
+    if volume is None:
+        return [index]
+    count = slice_count(volume.shape, axis)
     return [k for k in range(index - NEIGHBOURS, index + NEIGHBOURS + 1) if 0 <= k < count]
 
 
