@@ -20,9 +20,10 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from .backends import ISA_CAP_ENV  # torch-free: backends imports torch only where it runs it
+
 FORMAT = "1"
-_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
-        "MKL_ENABLE_INSTRUCTIONS", "CUDA_VISIBLE_DEVICES", "MEDSAM_SLICER_BACKEND_CACHE")
+_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS") + ISA_CAP_ENV + ("CUDA_VISIBLE_DEVICES", "MEDSAM_SLICER_BACKEND_CACHE")
 _LIBRARIES = ("torch", "onnxruntime", "openvino", "onnx", "onnxscript")
 
 
