@@ -28,6 +28,10 @@ Structures made of many separate pieces (largest 3D component under half the vox
 are marked "pieces" and left out of the summary: one box around a ring of ribs is no prompt for a
 box-prompted model.
 
+--window-sweep adds, on CT, the tight-box 2D Dice of each window preset and how well the model's
+quality score ranks those windows slice by slice (run it with a model's weights before setting its
+family's SCORE_RANKS_QUALITY).
+
 Every slice x window is encoded once: embeddings go to a disk cache (default
 ~/.cache/medsam-slicer/accuracy-eval), so reruns cost only decoder calls.
 """
@@ -300,12 +304,13 @@ def window_sweep(engine, volume, truths: Dict[str, np.ndarray], cache, windows=S
         mid = median_slice(truth)
         # at most `per_structure` slices, evenly spread, the median one included
         present = sorted(set(present[int(round(t))] for t in np.linspace(0, len(present) - 1, per_structure)) | {mid})
-        per = {}
+        per = {"pairs": {}}  # slice -> [(window, score, Dice)]: does the score rank the windows?
         for wname, predictor in predictors.items():
             ds = []
             for k in present:
                 mask, score = predictor(k, mask_bbox(truth[k]))
                 ds.append(dice(mask, truth[k]))
+                per["pairs"].setdefault(str(k), []).append((wname, None if score is None else float(score), ds[-1]))
                 if k == mid:
                     per.setdefault("score_mid", {})[wname] = score
                     per.setdefault("dice_mid", {})[wname] = ds[-1]
@@ -316,7 +321,35 @@ def window_sweep(engine, volume, truths: Dict[str, np.ndarray], cache, windows=S
     return out
 
 
-def print_window_sweep(sweep: dict, picks: Optional[Dict[str, str]] = None) -> None:
+def score_ranking(sweep: dict, tie: float = 0.01, skip=()) -> Optional[str]:
+    """How well the model's quality score ranks the windows of one slice, over the sweep's slices:
+    how often its top-scored window has the best Dice (within `tie`), and the Spearman correlation
+    of score and Dice over each slice's windows (median over slices). The evidence a model family
+    needs before SCORE_RANKS_QUALITY is set (window_choice.py); None when the model gives no score.
+    Structures in `skip` (made of pieces: no box prompt for them) are left out."""
+    from scipy.stats import spearmanr
+
+    hits, total, rhos = 0, 0, []
+    for name, per in sweep.items():
+        if name in skip:
+            continue
+        for pairs in per["pairs"].values():
+            if any(score is None for _, score, _ in pairs):
+                return None
+            scores = np.array([score for _, score, _ in pairs])
+            dices = np.array([d for _, _, d in pairs])
+            total += 1
+            hits += int(dices[int(np.argmax(scores))] >= dices.max() - tie)
+            if np.ptp(scores) > 0 and np.ptp(dices) > 0:
+                rhos.append(spearmanr(scores, dices)[0])
+    if not total:
+        return None
+    return (f"score ranks windows: its top window has the best 2D Dice (within {tie}) on {hits} of {total} slices; "
+            f"Spearman of score and Dice per slice: median {np.median(rhos):.2f} (quartiles "
+            f"{np.percentile(rhos, 25):.2f}-{np.percentile(rhos, 75):.2f}, {len(rhos)} slices)")
+
+
+def print_window_sweep(sweep: dict, picks: Optional[Dict[str, str]] = None, skip=()) -> None:
     """The sweep's table; * marks the window the product picked for the structure (`picks`:
     structure -> "W/L", as window_choice names its candidates), else the median slice's best score."""
     names = list(next(iter(sweep.values()))["dice_mean"])
@@ -332,6 +365,9 @@ def print_window_sweep(sweep: dict, picks: Optional[Dict[str, str]] = None) -> N
         marked = picked if picked in names else per["picked_by_score"]
         cells = [f"{per['dice_mean'][w]:.3f}{'*' if w == marked else ''}" for w in names]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    ranking = score_ranking(sweep, skip=skip)
+    if ranking is not None:
+        print(f"\n{ranking}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +449,7 @@ def main(argv=None) -> int:
                              "does), a preset name, or W,L (default auto)")
     parser.add_argument("--key-every", type=int, default=5, help="mode c: a key slice every N slices (default 5)")
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "accuracy-eval"))
-    parser.add_argument("--window-sweep", action="store_true", help="also 2D Dice per window preset (CT only)")
+    parser.add_argument("--window-sweep", action="store_true", help="also 2D Dice per window preset (CT only), and how well the model's score ranks the windows")
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args(argv)
     t0 = time.time()
@@ -465,7 +501,8 @@ def main(argv=None) -> int:
     out = {"model": args.model, "window": args.window, "rows": rows, "summary": lines}
     if sweeps:
         out["window_sweep"] = sweeps
-        print_window_sweep(sweeps, {r["structure"]: r["window"] for r in rows if r["window"] != "mr"})
+        print_window_sweep(sweeps, {r["structure"]: r["window"] for r in rows if r["window"] != "mr"},
+                           skip={r["structure"] for r in rows if r["notes"]["pieces"]})
     print(f"\n{time.time() - t0:.0f} s, {encoded} slices encoded (the rest from the cache)")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,34 @@
+"""The accuracy evaluation's score-ranking summary: the evidence a model needs before its quality
+score may choose windows or stop growth (SCORE_RANKS_QUALITY)."""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+from accuracy_eval import score_ranking  # noqa: E402
+
+
+def sweep_of(*slices):
+    """One structure whose slices each list (window, score, Dice)."""
+    return {"lung": {"pairs": {str(k): pairs for k, pairs in enumerate(slices)}}}
+
+
+def test_counts_slices_whose_top_scored_window_has_the_best_dice():
+    right = [("a", 0.9, 0.95), ("b", 0.7, 0.80), ("c", 0.5, 0.60)]  # score order = Dice order
+    wrong = [("a", 0.9, 0.50), ("b", 0.7, 0.80), ("c", 0.5, 0.90)]  # reversed
+    tied = [("a", 0.9, 0.895), ("b", 0.8, 0.90), ("c", 0.1, 0.20)]  # top window 0.005 short: a tie
+    line = score_ranking(sweep_of(right, wrong, tied))
+    assert "best 2D Dice (within 0.01) on 2 of 3 slices" in line
+    assert "median 0.50" in line  # per-slice Spearman 1.0, -1.0 and 0.5
+
+
+def test_a_model_without_scores_gives_no_ranking():
+    assert score_ranking(sweep_of([("a", None, 0.9), ("b", None, 0.8)])) is None
+
+
+def test_structures_made_of_pieces_are_left_out():
+    sweep = sweep_of([("a", 0.9, 0.95), ("b", 0.7, 0.80)])
+    sweep["ribs"] = {"pairs": {"0": [("a", 0.9, 0.10), ("b", 0.7, 0.30)]}}
+    assert "on 1 of 1 slices" in score_ranking(sweep, skip={"ribs"})
