@@ -344,8 +344,10 @@ def score_ranking(sweep: dict, tie: float = 0.01, skip=()) -> Optional[str]:
                 rhos.append(spearmanr(scores, dices)[0])
     if not total:
         return None
-    return (f"score ranks windows: its top window has the best 2D Dice (within {tie}) on {hits} of {total} slices; "
-            f"Spearman of score and Dice per slice: median {np.median(rhos):.2f} (quartiles "
+    line = f"score ranks windows: its top window has the best 2D Dice (within {tie}) on {hits} of {total} slices"
+    if not rhos:  # every slice's scores or Dice were all equal
+        return line
+    return (f"{line}; Spearman of score and Dice per slice: median {np.median(rhos):.2f} (quartiles "
             f"{np.percentile(rhos, 25):.2f}-{np.percentile(rhos, 75):.2f}, {len(rhos)} slices)")
 
 
