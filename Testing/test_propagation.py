@@ -520,6 +520,49 @@ def test_mode_b_swaps_only_when_the_propagated_mask_scores_under_the_start_slice
     assert swapped == [k for k in range(9) if k != 4]
 
 
+class SwapThenRegret:
+    """Mode b on a square in the middle of its 3D box. On slice 5 the whole box's prompt answers a
+    larger region of other tissue with 0.9, so the recovering chain swaps it in; every later prompt
+    as wide as that region finds it again, scored 0.5. The plain chain, prompted with the square's
+    own box, keeps the square at 0.7 (the start slice: 0.8)."""
+
+    n_slices, slice_shape, roi = 9, (40, 40), (8, 8, 31, 31)
+
+    def __init__(self):
+        self.truth = np.zeros((9, 40, 40), bool)
+        self.truth[:, 12:28, 12:28] = True
+        self.region = np.zeros(self.slice_shape, bool)
+        self.region[8:32, 8:32] = True
+
+    def __call__(self, index, box):
+        box = tuple(int(v) for v in box)
+        if box == self.roi and index == 4:
+            return self.truth[index].copy(), 0.8
+        if box == self.roi and index == 5:
+            return self.region.copy(), 0.9
+        if box[0] <= 9:  # the whole box, or a box around the region
+            return self.region.copy(), 0.5
+        return self.truth[index].copy(), 0.7
+
+
+def test_mode_b_keeps_the_plain_chain_where_the_model_is_surer_of_it():
+    """CHAIN_CHOICE_EVIDENCE: beside the recovering chain each direction follows the plain
+    propagation and keeps it where its mean score over the differing slices is higher; the
+    replaced slices are reported again without counting twice."""
+    model = SwapThenRegret()
+    reports = []
+    result = segment_box3d(model, model.roi, 0, 8, keep_largest=False,
+                           progress=lambda index, mask, done, total: reports.append((index, int(mask.sum()), done, total)))
+    assert dice(result.volume("k", model.truth.shape), model.truth) == 1.0
+    assert [r[0] for r in reports[:5]] == [4, 5, 6, 7, 8]
+    assert [r[1] for r in reports[1:5]] == [24 * 24] * 4  # the recovering chain, shown as it went
+    assert reports[5:9] == [(k, 16 * 16, 5, 9) for k in (5, 6, 7, 8)]  # then replaced, not recounted
+    assert [r[0] for r in reports[9:]] == [3, 2, 1, 0] and reports[-1][2:] == (9, 9)
+    # without recovery the plain chain is all there is
+    plain = segment_box3d(model, model.roi, 0, 8, keep_largest=False, recover=False)
+    assert all(np.array_equal(plain.masks[k], result.masks[k]) for k in range(9))
+
+
 def test_mode_b_empty_mask_falls_back_to_box_extent():
     truth = sphere()
     roi = mask_bbox(truth.any(axis=0))
