@@ -16,6 +16,10 @@ abdomen    an abdominal CT (3 mm voxels, 30 slices) and an abdominal MR (3 mm, 2
            cases (Apache-2.0), from its source archive on PyPI (38 MB, fetched with pip, SHA-256
            pinned). Their labels are TotalSegmentator's own output, not an expert's: a strong model's
            contours, good on large organs, coarser on the pancreas and where organs touch.
+           The CT also holds both lungs' bases (its lung labels lie on soft tissue, so they are
+           not used): each is taken as a 3D component of air below -400 HU inside the body that
+           lies wholly in the upper half of the volume (bowel gas reaches its lower slices), which
+           is where a lung base ends as a thin crescent around the liver's or the spleen's dome.
 """
 from __future__ import annotations
 
@@ -137,6 +141,29 @@ def _brain_case(cache_dir: str):
     return volume, truths
 
 
+def lung_bases(volume, air_hu: float = -400.0, body_hu: float = -300.0, min_voxels: int = 500) -> Dict[str, np.ndarray]:
+    """{"right lung base", "left lung base": mask} of an abdominal CT: the 3D components of air
+    (< air_hu) inside the body (each slice's filled outline above body_hu) of at least min_voxels
+    that lie wholly in the volume's upper half (k increasing towards the head), named by side."""
+    from scipy import ndimage
+
+    array = volume.array
+    body = np.stack([ndimage.binary_fill_holes(ndimage.binary_opening(s > body_hu)) for s in array])
+    labels, count = ndimage.label((array < air_hu) & body)
+    half = array.shape[0] // 2
+    found = []
+    for c in range(1, count + 1):
+        part = labels == c
+        ks = np.flatnonzero(part.any(axis=(1, 2)))
+        if part.sum() >= min_voxels and ks[0] >= half:
+            i_mean = np.nonzero(part)[2].mean()
+            found.append((float(np.asarray(volume.direction)[0, 0]) * i_mean, part))  # LPS x: smaller is right
+    if len(found) != 2:
+        raise RuntimeError(f"expected both lung bases in the abdominal CT, found {len(found)} air components")
+    (_, right), (_, left) = sorted(found, key=lambda item: item[0])
+    return {"right lung base": right, "left lung base": left}
+
+
 def cases(dataset: str, cache_dir: str) -> Iterator[Tuple[str, object, Dict[str, np.ndarray]]]:
     """Yields (case name, Volume, {structure: boolean mask in k, j, i order})."""
     from medsam_slicer.volume_io import read_segmentation_masks, read_volume
@@ -169,6 +196,9 @@ def cases(dataset: str, cache_dir: str) -> Iterator[Tuple[str, object, Dict[str,
             label = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, labels)))
             if label.shape != volume.array.shape:
                 raise RuntimeError(f"{case}: label grid {label.shape} differs from the image's {volume.array.shape}")
-            yield case, volume, {name: label == value for value, name in ABDOMEN_ORGANS.items()}
+            truths = {name: label == value for value, name in ABDOMEN_ORGANS.items()}
+            if case == "abdomen-ct":
+                truths.update(lung_bases(volume))
+            yield case, volume, truths
     else:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
