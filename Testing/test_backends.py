@@ -177,7 +177,8 @@ def test_serve_accepts_backend_and_passes_it_to_the_engine(monkeypatch):
 
 
 def test_isa_cap_drops_avx512_from_the_peak_estimate_and_labels_rows():
-    from medsam_slicer.bench import ISA_CAPS, format_table
+    from medsam_slicer.backends import ISA_CAPS
+    from medsam_slicer.bench import format_table
 
     info = backends.cpu_info(2, isa_cap="avx2")
     assert not [f for f in info["isa"] if f.startswith(("avx512", "amx"))]
@@ -265,9 +266,9 @@ def test_auto_keeping_the_torch_encoder_still_decodes_on_a_backend(tiny_sam, tmp
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_auto_verdict_is_keyed_by_the_isa_cap(precision, tiny_sam, tmp_path, monkeypatch):
-    """A calibration timed under an ISA cap (bench.ISA_CAPS, how the benchmarks emulate an AVX2-only
+    """A calibration timed under an ISA cap (backends.ISA_CAPS, how the benchmarks emulate an AVX2-only
     CPU) is not reused without it, nor the other way round, at every precision auto runs in."""
-    from medsam_slicer.bench import ISA_CAPS
+    from medsam_slicer.backends import ISA_CAPS
     from medsam_slicer.models import get_family
 
     tried = []

@@ -120,7 +120,8 @@ def main() -> None:
     import torch
 
     from medsam_slicer import backends
-    from medsam_slicer.bench import ISA_CAPS, cpu_model
+    from medsam_slicer.backends import ISA_CAPS
+    from medsam_slicer.bench import cpu_model
 
     env = dict(os.environ, **ISA_CAPS[args.isa_cap]) if args.isa_cap else None
     ct = os.path.join(os.path.dirname(slicerio.__file__), "data", "CTChest4.nrrd")

@@ -220,9 +220,11 @@ def cpu_key() -> str:
     return f"{info['model']}|{','.join(info['isa'])}"
 
 
-# The environment variables that cap the instruction sets oneDNN, ATen and MKL use (how the
-# benchmarks emulate an AVX2-only CPU on this one, see bench.ISA_CAPS).
-ISA_CAP_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+# The caps on the instruction sets oneDNN, ATen and MKL use, by name: how the benchmarks emulate an
+# AVX2-only CPU on this one (bench.run_capped, cli_bench --isa-cap); ISA_CAP_ENV, their variables.
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                     "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+ISA_CAP_ENV = tuple(ISA_CAPS["avx2"])
 
 
 def isa_cap_key() -> str:

@@ -41,10 +41,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .backends import ISA_CAPS
+
 BOX = (20, 30, 60, 95)  # right lung on CTChest4, slices 10..27
 CAP_ENV = "MEDSAM_SLICER_ISA_CAP"  # set in the capped subprocess: which cap its libraries run under
-ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-                     "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 def cpu_model() -> str:
