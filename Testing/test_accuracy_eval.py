@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
-from accuracy_eval import score_ranking  # noqa: E402
+from accuracy_eval import score_ranking, summarise  # noqa: E402
 
 
 def sweep_of(*slices):
@@ -32,3 +32,20 @@ def test_structures_made_of_pieces_are_left_out():
     sweep = sweep_of([("a", 0.9, 0.95), ("b", 0.7, 0.80)])
     sweep["ribs"] = {"pairs": {"0": [("a", 0.9, 0.10), ("b", 0.7, 0.30)]}}
     assert "on 1 of 1 slices" in score_ranking(sweep, skip={"ribs"})
+
+
+def row(name, ends, dice2d_median, dataset="ctchest", kinds=("free", "free")):
+    return {"structure": name, "dataset": dataset, "ends_a": list(ends), "dice2d_median": dice2d_median,
+            "dice2d_mean": 0.5, "notes": {"pieces": False, "ends": dict(zip(("low", "high"), kinds))},
+            "dice_a": 0.8, "dice_b": 0.8, "dice_c": 0.8, "dice_base": 0.8}
+
+
+def test_the_end_goal_counts_free_ends_of_organs_segmented_well_on_their_median_slice():
+    rows = [row("lung", (-4, 0), 0.92, kinds=("free", "edge")),  # one free end, 4 short
+            row("kidney", (1, -1), 0.88),  # both within one slice
+            row("pancreas", (2, 5), 0.43),  # a poor 2D Dice: not counted
+            row("tumour", (0, 9), 0.95, dataset="tumours")]  # tumours have their own goal
+    lines = summarise(rows)
+    assert lines[0].startswith("mode a, free ends of organs with median-slice 2D Dice >= 0.85: 2/3 within +-1")
+    assert "worst overshoot 1 slices" in lines[0]
+    assert lines[1].startswith("mode a, tumour ends: 1/2 within +-2 slices, worst overshoot 9")
