@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .propagation import is_cancelled
+from .propagation import intersect_boxes, is_cancelled
 from .slicing import mask_bbox, slice_count
 from .windowing import IntensityWindow, from_width_level, looks_like_hounsfield
 
@@ -91,12 +91,12 @@ def box_fit(mask: np.ndarray, box) -> float:
     extent = mask_bbox(mask)
     if extent is None:
         return 0.0
-    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = extent, box
-    iw = max(0, min(ax1, bx1) - max(ax0, bx0) + 1)
-    ih = max(0, min(ay1, by1) - max(ay0, by0) + 1)
-    area_a = (ax1 - ax0 + 1) * (ay1 - ay0 + 1)
-    area_b = (bx1 - bx0 + 1) * (by1 - by0 + 1)
-    return iw * ih / float(area_a + area_b - iw * ih)
+
+    def area(b) -> int:
+        return 0 if b is None else (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+
+    inter = area(intersect_boxes(extent, tuple(box)))
+    return inter / float(area(extent) + area(box) - inter)
 
 
 def pick_window(session, axis: str, index: int, box, candidates: Optional[Sequence[Tuple[float, float]]] = None,
