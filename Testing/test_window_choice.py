@@ -11,6 +11,7 @@ from medsam_slicer.session import LocalSession
 from medsam_slicer.slicing import mask_bbox
 from medsam_slicer.window_choice import CANDIDATES, box_fit, evidence_slices, pick_window, seed_of, window_for_job
 from medsam_slicer.windowing import choose_window
+from test_real_weights import median_slice
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_a_mask_that_takes_in_more_than_its_box_drew_loses_to_one_that_fills_it(
     # takes them in (slice Dice ~0.55-0.77); the box fit sends the pick to a window whose mask is the
     # label (~0.9). The score alone picked 1000/-500 (BOX_FIT_EVIDENCE).
     tissue = expert_masks["tissue"]
-    k = int(np.sort(np.nonzero(tissue)[0])[tissue.sum() // 2])  # the slice of its median voxel, as the evaluation
+    k = median_slice(tissue)  # the slice of its median voxel, as the evaluation
     box = mask_bbox(tissue[k])
     session = LocalSession(lite_engine, ct_array, choose_window(ct_array))
     window, evidence = pick_window(session, "k", k, box)
@@ -68,7 +69,7 @@ def test_on_a_lung_base_the_pick_draws_the_crescent_not_the_dome_the_box_holds(l
         pytest.skip(f"TotalSegmentator's test cases could not be downloaded: {exc.stderr!r:.200}")
     assert case == "abdomen-ct"
     base = truths["right lung base"]
-    k = int(np.sort(np.nonzero(base)[0])[base.sum() // 2])
+    k = median_slice(base)
     box = mask_bbox(base[k])
     session = LocalSession(lite_engine, volume.array, choose_window(volume.array))
     window, evidence = pick_window(session, "k", k, box)
