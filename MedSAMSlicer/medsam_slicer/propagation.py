@@ -122,19 +122,17 @@ DRIFT_SCORE_LEAD = 0.1
 DEFAULT_MIN_SCORE_RATIO = 0.7
 
 # A mask more than this many times the previous slice's is a leak into a neighbour (StopRules.
-# max_area_ratio has the oracle evidence); mode b refuses the extent's mask beyond it too
-# (EXTENT_AREA_EVIDENCE).
+# max_area_ratio has the oracle evidence).
 DEFAULT_MAX_AREA_RATIO = 4.0
 
-# EXTENT_AREA_EVIDENCE. Where only the propagated mask's change of look calls for the extent's mask
-# (no score lead), the extent's mask must not leak: at most DEFAULT_MAX_AREA_RATIO times the previous
-# slice's mask. With real weights (LiteMedSAM, benchmarks/accuracy_eval.py, 20 one-piece structures),
-# at the left putamen's last slice the propagated mask (26 px) no longer looked like the start
-# slice and the extent's mask of the grey matter around the 79-px end (569 px, 13.5 times the
-# previous slice's, scored 0.76 vs 0.78) was swapped in: the false volume cost the structure 0.058
-# (0.631 -> 0.689 with the rule; mean mode b 0.643 -> 0.646; no structure lower). Swaps the score
-# calls for stay free: the body outline's 4492-px mask after an 828-px one (slice Dice 0.14 -> 0.83),
-# the left hippocampus' 5.6 times (0.02 -> 0.44); limiting them too cost those 0.035 and 0.054.
+# LOOK_ALONE_EVIDENCE. Only the score's lead calls for the extent's mask; a propagated mask that no
+# longer looks like the start slice's does not, on its own. With real weights (LiteMedSAM,
+# benchmarks/accuracy_eval.py, 36 one-piece structures), the five swaps the change of look alone
+# made (with the extent's mask at most DEFAULT_MAX_AREA_RATIO times the previous slice's) were at
+# structures' ends, where the propagated mask thins into other tissue and the extent prompt answers
+# the tissue around it: slice Dice 0.63 -> 0.23 (left caudate), 0.49 -> 0.14 (right caudate), three
+# end slices of 2-79 px at 0.00-0.13 either way. Without them: left caudate 0.373 -> 0.395 (the
+# official baseline 0.389; it had been below), right caudate 0.342 -> 0.354, no structure lower.
 
 # Slices handed to `predictor.prefetch` at a time in open-ended growth (mode a). Ranges that will
 # be segmented in full (modes b, c) are prefetched in chunks of the same size.
@@ -613,12 +611,11 @@ def segment_box3d(
     (a decoder call; the embedding is shared), and that mask replaces the propagated one (and counts
     as an anchor) when it looks like the start slice's mask (share of its pixels in the start mask's
     intensity range at least `min_appearance`, see StopRules; checked where `predictor.image`
-    exists) and either the model scores it higher by DRIFT_SCORE_LEAD while the propagated mask
-    scores under the start slice's (DRIFT_SEED_EVIDENCE) or the propagated mask no longer looks
-    like the start slice's (then only if the extent's mask is at most
-    DEFAULT_MAX_AREA_RATIO times the previous slice's: EXTENT_AREA_EVIDENCE), so a run that slid
-    onto a neighbour finds its way back instead of following it. Otherwise the propagated mask is
-    kept (at a structure's partial-volume end the extent prompt returns large wrong masks). Beside
+    exists) and the model scores it higher by DRIFT_SCORE_LEAD while the propagated mask scores
+    under the start slice's (DRIFT_SEED_EVIDENCE; a change of look alone is no call:
+    LOOK_ALONE_EVIDENCE), so a run that slid onto a neighbour finds its way back instead of
+    following it. Otherwise the propagated mask is kept (at a structure's partial-volume end the
+    extent prompt returns large wrong masks). Beside
     that chain each direction also follows the plain propagation (the official baseline's), and
     keeps it instead where the model scores it higher over the slices where the two differ
     (CHAIN_CHOICE_EVIDENCE; progress reports the recovering chain's masks, then any replaced). Starts
@@ -653,7 +650,7 @@ def segment_box3d(
     def drifted(index: int, mask: np.ndarray) -> bool:
         return look[0] is not None and mask.any() and look[0].share(run.image(index), mask) < min_appearance
 
-    def recovering(index: int, box: Box2D, prev: np.ndarray):
+    def recovering(index: int, box: Box2D):
         """(mask, score, swapped) of one slice of the drift-recovering chain."""
         mask, score = predict(index, box)
         if box != roi:
@@ -661,10 +658,8 @@ def segment_box3d(
             scored_better = score is not None and again_score is not None and again_score > score + DRIFT_SCORE_LEAD
             # a propagated mask the model is as sure of as the start slice's is no drift (DRIFT_SEED_EVIDENCE)
             scored_better = scored_better and (start_score[0] is None or score < start_score[0])
-            # never swap in a mask that does not look like the start slice's (EXTENT_LOOKS_EVIDENCE);
-            # without the score's lead, not one that leaks past the previous slice's (EXTENT_AREA_EVIDENCE)
-            leak_free = again.sum() <= DEFAULT_MAX_AREA_RATIO * prev.sum()
-            if again.any() and not drifted(index, again) and (scored_better or (drifted(index, mask) and leak_free)):
+            # never swap in a mask that does not look like the start slice's (EXTENT_LOOKS_EVIDENCE)
+            if scored_better and again.any() and not drifted(index, again):
                 return again, again_score, True
         return mask, score, False
 
@@ -702,7 +697,7 @@ def segment_box3d(
             for kind, chain in chains.items():
                 box = next_box(chain.prev, index, chain.anchors)
                 if kind == "recovering":
-                    mask, score, swapped = recovering(index, box, chain.prev)
+                    mask, score, swapped = recovering(index, box)
                     if swapped:
                         chain.anchors.add(index)
                 else:
