@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--axis", default="k", help="slicing axis: i, j or k (default k)")
     win = seg.add_mutually_exclusive_group()
     win.add_argument("--window", nargs=2, type=float, metavar=("W", "L"), help="intensity window width and level")
-    win.add_argument("--preset", choices=PRESET_NAMES, help="intensity preset (default auto: ct-abdomen for CT, else mr)")
+    win.add_argument("--preset", choices=PRESET_NAMES, help="intensity preset (default auto: on CT, LiteMedSAM picks a window per segment from "
+                     "its seed slice; ct-abdomen with ViT-B; mr for other data)")
     seg.add_argument("--propagate", action="store_true", help="grow from a flat box's slice across slices")
     seg.add_argument("--direction", default="both", choices=["both", "up", "down"], help="with --propagate")
     seg.add_argument("--max-slices", type=int, help="with --propagate: most slices per direction")
