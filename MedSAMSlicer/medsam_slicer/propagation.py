@@ -629,10 +629,10 @@ def segment_box3d(
     under the start slice's (DRIFT_SEED_EVIDENCE; a change of look alone is no call:
     LOOK_ALONE_EVIDENCE) and the extent's mask is at most DEFAULT_MAX_AREA_RATIO times the
     propagated one (EXTENT_LEAK_EVIDENCE), so a run that slid onto a neighbour finds its way back
-    instead of following it. Otherwise the propagated mask is kept (at a structure's partial-volume end the
-    extent prompt returns large wrong masks). Beside
-    that chain each direction also follows the plain propagation (the official baseline's), and
-    keeps it instead where the model scores it higher over the slices where the two differ
+    instead of following it. Otherwise the propagated mask is kept (at a structure's partial-volume
+    end the extent prompt returns large wrong masks). Beside that chain each direction also follows
+    the plain propagation (the official baseline's), and keeps it instead where the model scores it
+    higher over the slices where the two differ
     (CHAIN_CHOICE_EVIDENCE; progress reports the recovering chain's masks, then any replaced). Starts
     at `start` (default: the middle slice, where the box's extent most likely fits the structure,
     as in the LiteMedSAM baseline) prompted with the full extent, then goes up to `last` and down
