@@ -848,3 +848,39 @@ def test_appearance_rule_needs_images_and_keeps_heterogeneous_structures():
     model = Dominant(labels, image)
     up = propagate_from_slice(model, 12, seed_box=mask_bbox(labels[12] == 1), direction="up")
     assert max(up.masks) == 23 and up.stop_reasons["up"] == "volume edge"
+
+
+class PartialVolumeEnd:
+    """A bright 10 x 10 px structure on slices 0-7 of a 40 x 40 image; on slice 8 only a 5 x 5 px
+    remnant is bright, and the model draws the 8 x 8 px around it (39% like the seed: a partial-volume
+    end)."""
+
+    def __init__(self):
+        self.n_slices, self.slice_shape = 10, (40, 40)
+        self.img = np.full((10, 40, 40), 100, np.uint8)
+        self.img[:8, 15:25, 15:25] = 200
+        self.img[8, 17:22, 17:22] = 200
+
+    def image(self, index):
+        return self.img[index]
+
+    def __call__(self, index, box):
+        mask = np.zeros(self.slice_shape, bool)
+        if index < 8:
+            mask[15:25, 15:25] = True
+        else:
+            mask[16:24, 16:24] = True
+        return mask, 0.9
+
+
+def test_a_partial_volume_end_keeps_its_part_like_the_seed_as_the_last_slice():
+    """PARTIAL_END_EVIDENCE: where only the look stops growth and the mask is still partly like the
+    seed (39% here), its seed-like pixels are the last slice; switched off, the slice is dropped."""
+    model = PartialVolumeEnd()
+    result = propagate_from_slice(model, 4, seed_box=(15, 15, 24, 24), direction="up", keep_largest=False)
+    assert sorted(result.masks) == [4, 5, 6, 7, 8]
+    assert np.array_equal(result.masks[8], model.img[8] == 200)  # the 5 x 5 remnant, not the 8 x 8 mask
+    assert result.stop_reasons["up"] == "appearance changed (39% like the seed) at slice 8, its part like the seed kept as the last slice"
+    off = propagate_from_slice(model, 4, seed_box=(15, 15, 24, 24), direction="up", keep_largest=False,
+                               rules=StopRules(partial_end_share=None))
+    assert sorted(off.masks) == [4, 5, 6, 7] and off.stop_reasons["up"] == "appearance changed (39% like the seed) at slice 8"
