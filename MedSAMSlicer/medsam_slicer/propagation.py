@@ -195,7 +195,8 @@ class StopRules:
         new mask must also look like the seed: the share of its pixels whose intensity (the slice
         as the model sees it, `predictor.image`) lies inside the seed mask's central 95% intensity
         range (2.5th-97.5th percentile). Under `min_appearance` the growth stops and the slice is
-        dropped (None: off; skipped for predictors without `.image`, such as the oracles).
+        dropped, or trimmed (partial_end_share) (None: off; skipped for predictors without
+        `.image`, such as the oracles).
         Evidence at DEFAULT_MIN_APPEARANCE.
     min_score_ratio: the model's quality score on a new slice under this share of the seed slice's
         score stops, slice dropped (None: off; off for a seed given as a mask, which has no score, and
