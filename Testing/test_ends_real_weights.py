@@ -8,11 +8,6 @@ short (ends -1 and -2). Keeping the part of such a mask that looks like the seed
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 
 from medsam_slicer.cache import EmbeddingCache
@@ -29,19 +24,12 @@ pytestmark = pytest.mark.skipif(litemedsam.package_asset() is None,
 
 
 @pytest.fixture(scope="module")
-def gallbladder_run():
+def gallbladder_run(abdomen_ct):
     """(truth, predictor, seed slice) for the abdominal CT's gallbladder under 1800/400, the window
     the model picks for it (benchmarks/accuracy_eval.py --window model)."""
     from medsam_slicer.engine import MedSAMEngine
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from eval_data import cases
-
-    try:
-        case, volume, truths = next(cases("abdomen", os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "test-data")))
-    except subprocess.CalledProcessError as exc:  # no route to PyPI: nothing to judge
-        pytest.skip(f"TotalSegmentator's test cases could not be downloaded: {exc.stderr!r:.200}")
-    assert case == "abdomen-ct"
+    volume, truths = abdomen_ct
     truth = truths["gallbladder"]
     engine = MedSAMEngine.load("litemedsam", device="cpu", precision="fp32")
     predictor = SlicePredictor(engine, volume.array, from_width_level(1800, 400, "1800/400"), "k", EmbeddingCache(256 << 20))
