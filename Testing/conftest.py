@@ -36,20 +36,20 @@ def ct_array(ct_path):
 
 
 @pytest.fixture(scope="session")
-def abdomen_ct():
-    """(volume, {structure: bool [k, j, i] mask}) of benchmarks/eval_data.py's abdominal CT
-    (TotalSegmentator's test case and labels, with the lung bases; fetched once from PyPI)."""
+def abdomen():
+    """{"ct"|"mr": (Volume, {structure: bool [k, j, i] mask})}: benchmarks/eval_data.py's abdomen set
+    (TotalSegmentator's test CT and MR with its own labels, the CT with the lung bases; source
+    archive on PyPI, 38 MB, SHA-256 pinned, fetched once with pip)."""
     import subprocess
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from eval_data import cases
 
     try:
-        case, volume, truths = next(cases("abdomen", os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "test-data")))
+        found = list(cases("abdomen", os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "test-data")))
     except subprocess.CalledProcessError as exc:  # no route to PyPI: nothing to judge
         pytest.skip(f"TotalSegmentator's test cases could not be downloaded: {exc.stderr!r:.200}")
-    assert case == "abdomen-ct"
-    return volume, truths
+    return {case.split("-")[1]: (volume, truths) for case, volume, truths in found}
 
 
 @pytest.fixture(scope="session")

@@ -107,34 +107,7 @@ def test_mode_b_is_at_least_the_official_baseline_on_the_right_lung(expert_masks
 
 
 # ---------------------------------------------------------------------------------------------
-# TotalSegmentator's abdominal test cases (labels: TotalSegmentator's own output), downloaded once
-
-
-@pytest.fixture(scope="module")
-def abdomen():
-    """{"ct"|"mr": (volume array, {organ: mask})} from benchmarks/eval_data.py's abdomen set (its
-    source archive on PyPI, 38 MB, SHA-256 pinned, fetched once with pip)."""
-    import os
-    import subprocess
-    import sys
-
-    import SimpleITK as sitk
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from eval_data import ABDOMEN_CASES, ABDOMEN_ORGANS, abdomen_dir
-
-    from medsam_slicer.volume_io import read_volume
-
-    try:
-        folder = abdomen_dir(os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "test-data"))
-    except subprocess.CalledProcessError as exc:  # no route to PyPI: nothing to judge
-        pytest.skip(f"TotalSegmentator's test cases could not be downloaded: {exc.stderr!r:.200}")
-    out = {}
-    for case, (image, labels) in ABDOMEN_CASES.items():
-        array = read_volume(os.path.join(folder, image)).array
-        label = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, labels)))
-        out[case.split("-")[1]] = array, {name: label == value for value, name in ABDOMEN_ORGANS.items()}
-    return out
+# TotalSegmentator's abdominal test cases (labels: its own output; the `abdomen` fixture in conftest.py)
 
 
 def _mode_b_and_baseline(predictor, truth):
@@ -155,8 +128,8 @@ def test_mode_b_keeps_up_with_the_baseline_on_a_tight_box_in_abdominal_mr(abdome
     0.628. Not cut: 0.784 and 0.634."""
     from medsam_slicer.windowing import choose_window
 
-    array, organs = abdomen["mr"]
-    predictor = SlicePredictor(engine, array, choose_window(array), "k", EmbeddingCache(256 << 20))
+    volume, organs = abdomen["mr"]
+    predictor = SlicePredictor(engine, volume.array, choose_window(volume.array), "k", EmbeddingCache(256 << 20))
     for organ in ("left kidney", "stomach"):
         _, b, base = _mode_b_and_baseline(predictor, organs[organ])
         assert b >= base - 0.01, f"{organ}: mode b {b:.3f} below the official baseline {base:.3f}"
@@ -170,9 +143,9 @@ def test_mode_b_holds_the_official_baseline_on_the_abdominal_ct_stomach(abdomen,
     EXTENT_LEAK_EVIDENCE: on slice 5 the propagated mask had shrunk to 20 px (slice Dice 0.24) and
     the extent's mask, scored 0.22 higher, was 518 px of other tissue (0.07), followed by the
     slices below: mode b 0.655 against the baseline's 0.770."""
-    array, organs = abdomen["ct"]
+    volume, organs = abdomen["ct"]
     truth = organs["stomach"]
-    predictor = SlicePredictor(engine, array, from_width_level(80, 40, "80/40"), "k", EmbeddingCache(256 << 20))
+    predictor = SlicePredictor(engine, volume.array, from_width_level(80, 40, "80/40"), "k", EmbeddingCache(256 << 20))
     result, b, base = _mode_b_and_baseline(predictor, truth)
     last = int(np.flatnonzero(truth.any(axis=(1, 2)))[-1])
     value = dice(result.masks[last], truth[last])

@@ -24,12 +24,12 @@ pytestmark = pytest.mark.skipif(litemedsam.package_asset() is None,
 
 
 @pytest.fixture(scope="module")
-def gallbladder_run(abdomen_ct):
+def gallbladder_run(abdomen):
     """(truth, predictor, seed slice) for the abdominal CT's gallbladder under 1800/400, the window
     the model picks for it (benchmarks/accuracy_eval.py --window model)."""
     from medsam_slicer.engine import MedSAMEngine
 
-    volume, truths = abdomen_ct
+    volume, truths = abdomen["ct"]
     truth = truths["gallbladder"]
     engine = MedSAMEngine.load("litemedsam", device="cpu", precision="fp32")
     predictor = SlicePredictor(engine, volume.array, from_width_level(1800, 400, "1800/400"), "k", EmbeddingCache(256 << 20))

@@ -52,11 +52,11 @@ def test_a_mask_that_takes_in_more_than_its_box_drew_loses_to_one_that_fills_it(
     session.close()
 
 
-def test_on_a_lung_base_the_pick_draws_the_crescent_not_the_dome_the_box_holds(lite_engine, abdomen_ct):
+def test_on_a_lung_base_the_pick_draws_the_crescent_not_the_dome_the_box_holds(lite_engine, abdomen):
     # The right lung's base in TotalSegmentator's abdominal CT: a crescent around the liver's dome.
     # Under 80/40 the model is surest (0.91) of the dome (slice Dice ~0.02); the box fit sends the
     # pick to a lung window whose mask is the crescent (~0.88) (BOX_FIT_EVIDENCE).
-    volume, truths = abdomen_ct
+    volume, truths = abdomen["ct"]
     base = truths["right lung base"]
     k = median_slice(base)
     box = mask_bbox(base[k])
