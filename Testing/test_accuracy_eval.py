@@ -1,9 +1,14 @@
-"""The accuracy evaluation's score-ranking summary: the evidence a model needs before its quality
-score may choose windows or stop growth (SCORE_RANKS_QUALITY)."""
+"""The accuracy evaluation: its score-ranking summary (the evidence a model needs before its quality
+score may choose windows or stop growth, SCORE_RANKS_QUALITY), its goal lines, and evaluating
+your own volume and labels."""
 from __future__ import annotations
 
+import json
 import os
 import sys
+
+import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
@@ -49,3 +54,58 @@ def test_the_end_goal_counts_free_ends_of_organs_segmented_well_on_their_median_
     assert lines[0].startswith("mode a, free ends of organs with median-slice 2D Dice >= 0.85: 2/3 within +-1")
     assert "worst overshoot 1 slices" in lines[0]
     assert lines[1].startswith("mode a, tumour ends: 1/2 within +-2 slices, worst overshoot 9")
+
+
+# ---------------------------------------------------------------------------------------------
+# your own files: the same evaluation on any volume and its labels (real LiteMedSAM weights)
+
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "test-data", "accuracy-eval")
+
+
+def cropped_label_map(ct_path, masks, values, path):
+    """The masks as one integer label map on the CT's grid, cropped to the labels' extent (so the
+    evaluation must place it by physical position), written as NIfTI (RAS on disk, unlike the NRRD)."""
+    import SimpleITK as sitk
+
+    ct = sitk.ReadImage(ct_path)
+    labels = np.zeros(sitk.GetArrayFromImage(ct).shape, np.uint8)
+    for name, value in values.items():
+        labels[masks[name]] = value
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(ct)
+    k, j, i = np.nonzero(labels)
+    lo, hi = [int(i.min()), int(j.min()), int(k.min())], [int(i.max()), int(j.max()), int(k.max())]
+    sitk.WriteImage(sitk.RegionOfInterest(image, [b - a + 1 for a, b in zip(lo, hi)], lo), path)
+
+
+def test_own_volume_and_label_map_give_the_built_in_case_numbers(tmp_path, ct_path, expert_masks):
+    from accuracy_eval import main
+
+    labels = str(tmp_path / "labels.nii.gz")
+    cropped_label_map(ct_path, expert_masks, {"left lung": 3, "right lung": 7}, labels)
+    common = ["--structures", "left lung", "--window", "1000,-500", "--cache-dir", CACHE]
+    mine, builtin = tmp_path / "mine.json", tmp_path / "builtin.json"
+    assert main(["--volume", ct_path, "--labels", labels, "--label-names", "3=left lung,7=right lung",
+                 "--tumours", "left lung", "--json", str(mine)] + common) == 0
+    assert main(["--data", "ctchest", "--json", str(builtin)] + common) == 0
+    (row,), (expected,) = (json.load(open(f))["rows"] for f in (mine, builtin))
+    for key in ("slices", "dice2d_median", "dice_a", "ends_a", "dice_b", "dice_c", "dice_base"):
+        assert row[key] == expected[key], key
+    assert row["dice_a"] > 0.9 and row["dice2d_median"] > 0.85  # a real evaluation, not an empty one
+    assert row["dataset"] == "tumours" and expected["dataset"] == "ctchest"
+    assert any(line.startswith("mode a, tumour ends: ") for line in json.load(open(mine))["summary"])
+
+
+def test_own_files_with_a_wrong_label_name_stop_with_one_line(tmp_path, ct_path, expert_masks, capsys):
+    from accuracy_eval import main
+
+    labels = str(tmp_path / "labels.nii.gz")
+    cropped_label_map(ct_path, expert_masks, {"left lung": 3}, labels)
+    for extra, message in ((["--label-names", "9=liver"], "has no label value 9"),
+                           (["--label-names", "liver"], "is not VALUE=NAME"),
+                           (["--tumours", "liver"], "--tumours names no structure")):
+        with pytest.raises(SystemExit) as stop:
+            main(["--volume", ct_path, "--labels", labels] + extra)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and "Traceback" not in "\n".join(err)

@@ -1,11 +1,14 @@
 """Real-model accuracy on labelled volumes: 2D prompts, the 3D modes and the official 3D baseline.
 
     python benchmarks/accuracy_eval.py [--model litemedsam|medsam] [--checkpoint FILE]
-        [--data ctchest|tumours|brain|abdomen|all] [--structures "right lung,left lung"]
+        [--data ctchest|tumours|brain|abdomen|all | --volume IMAGE --labels SEG [--label-names 1=liver,...]
+         [--tumours NAMES]] [--structures "right lung,left lung"]
         [--window auto|model|PRESET|W,L] [--key-every 5] [--cache-dir DIR] [--window-sweep] [--json out.json]
 
-Data (eval_data.py): slicerio's CT chest sample with its expert segmentation, and pyradiomics' five
-tumour cases (brain and breast MR, lung CT). Per labelled structure:
+Data (eval_data.py): slicerio's CT chest sample with its expert segmentation, pyradiomics' five
+tumour cases (brain and breast MR, lung CT), the Colin27 brain with AAL regions, TotalSegmentator's
+abdominal CT and MR; or your own (--volume with --labels, repeatable in pairs: a .seg.nrrd or a label
+map; --tumours names the structures that the tumour-end goal counts). Per labelled structure:
   2D med   Dice on the slice of the structure's median voxel, prompted with the truth's tight box;
   2D mean  mean Dice over every slice holding the structure, tight boxes;
   2D jit   the same with boxes jittered as in MedSAM's training (each side moved outward by a
@@ -58,7 +61,8 @@ from medsam_slicer.windowing import CT_PRESETS, choose_window, from_width_level,
 
 from medsam_slicer.window_choice import model_picks_window, pick_window  # noqa: E402
 
-from eval_data import DATASETS, cases  # noqa: E402
+from eval_data import DATASETS, cases, files_case, parse_label_names  # noqa: E402
+from medsam_slicer.errors import InputError  # noqa: E402
 
 NSD_TOLERANCE_MM = 2.0
 JITTER_1024 = 20  # MedSAM's training jitter: each side 0-20 px outward at 1024 scale
@@ -443,9 +447,16 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="weights file (default: the model's own weights)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--data", default="ctchest", choices=DATASETS + ("all",),
-                        help="ctchest (slicerio's CT sample), tumours (pyradiomics' 5 cases), brain (Colin27 and AAL), "
-                             "abdomen (TotalSegmentator's test CT and MR); all but ctchest are downloaded once; or all")
+    parser.add_argument("--data", choices=DATASETS + ("all",),
+                        help="ctchest (slicerio's CT sample, the default), tumours (pyradiomics' 5 cases), brain (Colin27 "
+                             "and AAL), abdomen (TotalSegmentator's test CT and MR); all but ctchest are downloaded once; or all")
+    parser.add_argument("--volume", action="append", default=[], help="your own volume (NRRD, NIfTI, MHA, DICOM folder) "
+                        "instead of --data; repeat with --labels for more cases")
+    parser.add_argument("--labels", action="append", default=[], help="its labels: a .seg.nrrd or an integer label map")
+    parser.add_argument("--label-names", default="", help="names of a label map's values, e.g. 1=liver,2=spleen "
+                        "(default: 'label N')")
+    parser.add_argument("--tumours", default="", help="comma-separated structures of --volume to count as tumours "
+                        "(their ends are judged within +-2 slices)")
     parser.add_argument("--structures", help="comma-separated names (default: every segment)")
     parser.add_argument("--window", default="auto",
                         help="auto (choose_window), model (picked per structure by the model's score, as segment "
@@ -457,41 +468,59 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     t0 = time.time()
     wanted = [s.strip() for s in (args.structures or "").split(",") if s.strip()]
+    if len(args.volume) != len(args.labels):
+        parser.error(f"give --labels once per --volume ({len(args.volume)} volumes, {len(args.labels)} label files)")
+    if args.volume and args.data:
+        parser.error("--data and --volume cannot be combined: evaluate one or the other")
+    try:
+        names = parse_label_names(args.label_names)
+        sources = [files_case(image, labels, names) for image, labels in zip(args.volume, args.labels)]
+    except (InputError, ValueError) as error:
+        parser.error(str(error))
+    tumours = {s.strip() for s in args.tumours.split(",") if s.strip()}
+    known = {name for _, _, truths in sources for name in truths}
+    if tumours - known:
+        parser.error(f"--tumours names no structure of the given labels: {', '.join(sorted(tumours - known))}")
+    if sources:
+        sources = [("files", c) for c in sources]
+    else:  # the built-in data sets, read one case at a time (the downloads happen here)
+        sources = ((dataset, c) for dataset in (DATASETS if args.data == "all" else (args.data or "ctchest",))
+                   for c in cases(dataset, args.cache_dir))
 
     engine = load_engine(args.model, args.checkpoint, args.device, args.precision)
     cache = EmbeddingCache(2 << 30, disk_dir=args.cache_dir)
     by_model = args.window == "model"  # the product's automatic CT window, picked per structure (window_choice)
     rows, sweeps, found, encoded = [], {}, set(), 0
-    for dataset in (DATASETS if args.data == "all" else (args.data,)):
-        for case, volume, truths in cases(dataset, args.cache_dir):
-            chosen = {s: t for s, t in truths.items() if t.any() and (not wanted or s in wanted)}
-            found.update(chosen)
-            if not chosen:
-                continue
-            spacing_kji = tuple(float(v) for v in np.asarray(volume.spacing)[::-1])
-            window = parse_window("auto" if by_model else args.window, volume.array)
-            predictor = SlicePredictor(engine, volume.array, window, "k", cache)
-            print(f"{case}: model {args.model}, window {window.name} [{window.low:g}, {window.high:g}], "
-                  f"{volume.shape_kji} spacing {spacing_kji} mm (k, j, i)", file=sys.stderr)
-            for name, truth in chosen.items():
-                if by_model and model_picks_window(engine, volume.array):
-                    from medsam_slicer.session import LocalSession
+    for dataset, (case, volume, truths) in sources:
+        chosen = {s: t for s, t in truths.items() if t.any() and (not wanted or s in wanted)}
+        found.update(chosen)
+        if not chosen:
+            continue
+        spacing_kji = tuple(float(v) for v in np.asarray(volume.spacing)[::-1])
+        window = parse_window("auto" if by_model else args.window, volume.array)
+        predictor = SlicePredictor(engine, volume.array, window, "k", cache)
+        print(f"{case}: model {args.model}, window {window.name} [{window.low:g}, {window.high:g}], "
+              f"{volume.shape_kji} spacing {spacing_kji} mm (k, j, i)", file=sys.stderr)
+        for name, truth in chosen.items():
+            if by_model and model_picks_window(engine, volume.array):
+                from medsam_slicer.session import LocalSession
 
-                    mid = median_slice(truth)
-                    session = LocalSession(engine, volume.array, window, cache=cache)
-                    picked, _ = pick_window(session, "k", mid, mask_bbox(truth[mid]))
-                    predictor = SlicePredictor(engine, volume.array, picked, "k", cache)
-                    print(f"  {name}: window {picked.name} picked by the model on slice {mid}", file=sys.stderr)
-                row = evaluate(predictor, name, truth, spacing_kji, args.model, args.key_every)
-                row["case"], row["dataset"] = case, dataset
-                row["window"] = predictor.window.name
-                row["notes"] = structure_notes(name, truth, truths)
-                rows.append(row)
-                encoded += predictor.encoded
-                print(f"  {name}: 2D {row['dice2d_mean']:.3f}, a {row['dice_a']:.3f}, b {row['dice_b']:.3f}, "
-                      f"c {row['dice_c']:.3f}, base {row['dice_base']:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr)
-            if args.window_sweep and looks_like_hounsfield(volume.array):
-                sweeps.update(window_sweep(engine, volume, chosen, cache))
+                mid = median_slice(truth)
+                session = LocalSession(engine, volume.array, window, cache=cache)
+                picked, _ = pick_window(session, "k", mid, mask_bbox(truth[mid]))
+                predictor = SlicePredictor(engine, volume.array, picked, "k", cache)
+                print(f"  {name}: window {picked.name} picked by the model on slice {mid}", file=sys.stderr)
+            row = evaluate(predictor, name, truth, spacing_kji, args.model, args.key_every)
+            row["case"] = case
+            row["dataset"] = "tumours" if dataset == "files" and name in tumours else dataset
+            row["window"] = predictor.window.name
+            row["notes"] = structure_notes(name, truth, truths)
+            rows.append(row)
+            encoded += predictor.encoded
+            print(f"  {name}: 2D {row['dice2d_mean']:.3f}, a {row['dice_a']:.3f}, b {row['dice_b']:.3f}, "
+                  f"c {row['dice_c']:.3f}, base {row['dice_base']:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+        if args.window_sweep and looks_like_hounsfield(volume.array):
+            sweeps.update(window_sweep(engine, volume, chosen, cache))
     missing = [s for s in wanted if s not in found]
     if missing:
         parser.error(f"unknown structure(s) {', '.join(missing)}")

@@ -20,6 +20,9 @@ abdomen    an abdominal CT (3 mm voxels, 30 slices) and an abdominal MR (3 mm, 2
            not used): each is taken as a 3D component of air below -400 HU inside the body that
            lies wholly in the upper half of the volume (bowel gas reaches its lower slices), which
            is where a lung base ends as a thin crescent around the liver's or the spleen's dome.
+files      your own: any volume the engine reads (NRRD, NIfTI, MHA, a DICOM folder) with its labels, a
+           Slicer .seg.nrrd (segment names kept) or an integer label map (named "label N", or as
+           `names` says), resampled onto the volume's grid by physical position (`files_case`).
 """
 from __future__ import annotations
 
@@ -162,6 +165,43 @@ def lung_bases(volume, air_hu: float = -400.0, body_hu: float = -300.0, min_voxe
         raise RuntimeError(f"expected both lung bases in the abdominal CT, found {len(found)} air components")
     (_, right), (_, left) = sorted(found, key=lambda item: item[0])
     return {"right lung base": right, "left lung base": left}
+
+
+def parse_label_names(text: str) -> Dict[int, str]:
+    """"1=liver,2=spleen" -> {1: "liver", 2: "spleen"}."""
+    names = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        value, sep, name = item.partition("=")
+        if not sep or not name.strip() or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"label name {item.strip()!r} is not VALUE=NAME (e.g. 1=liver)")
+        names[int(value)] = name.strip()
+    return names
+
+
+def files_case(image: str, labels: str, names: Dict[int, str] = None) -> Tuple[str, object, Dict[str, np.ndarray]]:
+    """(case name, Volume, {structure: mask}) of a volume file and its labels (module docstring:
+    files); a label map's value N is named names[N] where given. Missing or unreadable files raise
+    the engine's InputError (one line)."""
+    from medsam_slicer.errors import InputError
+    from medsam_slicer.volume_io import read_segmentation_masks, read_volume
+
+    volume = read_volume(image)
+    masks = read_segmentation_masks(labels, volume)
+    renamed = {}
+    for name, mask in masks.items():
+        value = name[len("label "):] if name.startswith("label ") else None
+        renamed[(names or {}).get(int(value), name) if value is not None else name] = mask
+    unknown = sorted(set(names or {}) - {int(n[len("label "):]) for n in masks if n.startswith("label ")})
+    if unknown:
+        raise InputError(f"'{labels}' has no label value {', '.join(map(str, unknown))}")
+    case = os.path.basename(os.path.normpath(image))
+    for suffix in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd"):
+        if case.lower().endswith(suffix):
+            case = case[: -len(suffix)]
+            break
+    return case, volume, renamed
 
 
 def cases(dataset: str, cache_dir: str) -> Iterator[Tuple[str, object, Dict[str, np.ndarray]]]:
