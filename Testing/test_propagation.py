@@ -884,3 +884,52 @@ def test_a_partial_volume_end_keeps_its_part_like_the_seed_as_the_last_slice():
     off = propagate_from_slice(model, 4, seed_box=(15, 15, 24, 24), direction="up", keep_largest=False,
                                rules=StopRules(partial_end_share=None))
     assert sorted(off.masks) == [4, 5, 6, 7] and off.stop_reasons["up"] == "appearance changed (39% like the seed) at slice 8"
+
+
+class BoxFiller:
+    """A 40 x 40 px structure on the slices in `structure` of a 256 x 256 image of one grey level;
+    on the other slices the model draws whatever its box frames (the box's inside less 1 px), as a
+    box-prompted model does past a structure's end, so a looser box gets a larger mask."""
+
+    def __init__(self, structure, n=16):
+        self.n_slices, self.slice_shape = n, (256, 256)
+        self.structure = set(structure)
+        self.calls = []
+
+    def image(self, index):
+        return np.full(self.slice_shape, 200, np.uint8)  # the look never changes: that rule cannot stop it
+
+    def __call__(self, index, box):
+        self.calls.append((index, tuple(box)))
+        mask = np.zeros(self.slice_shape, bool)
+        if index in self.structure:
+            mask[100:140, 100:140] = True
+        else:
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            mask[y0 + 1 : y1, x0 + 1 : x1] = True
+        return mask, 0.9
+
+
+def test_masks_that_follow_a_looser_box_on_two_slices_in_a_row_stop_growth():
+    """STABILITY_EVIDENCE: on the structure a 4-px looser box changes nothing (IoU 1); past its end
+    the mask follows the box (IoU 0.73, under 0.8 of the seed's 1.0). The first
+    such slice is kept, the second dropped; switched off, growth runs to the volume's edge."""
+    model = BoxFiller(range(0, 8))
+    result = propagate_from_slice(model, 4, seed_box=(100, 100, 139, 139), direction="up", keep_largest=False)
+    assert sorted(result.masks) == [4, 5, 6, 7, 8]
+    assert result.stop_reasons["up"].startswith("masks unstable under a looser box at slices 8 and 9 (IoU 0.")
+    looser = [box for index, box in model.calls if index == 4 and box != (100, 100, 139, 139)]
+    assert looser == [(96.0, 96.0, 143.0, 143.0)]  # 16 px at 1024 scale = 4 px on a 256-px slice
+    off = propagate_from_slice(BoxFiller(range(0, 8)), 4, seed_box=(100, 100, 139, 139), direction="up",
+                               keep_largest=False, rules=StopRules(min_stability_ratio=None))
+    assert max(off.masks) == 15 and off.stop_reasons["up"] == "volume edge"
+
+
+def test_one_unstable_slice_alone_does_not_stop_growth_nor_does_a_given_seed_mask_use_the_rule():
+    model = BoxFiller(set(range(0, 16)) - {8})  # one odd slice inside the structure
+    result = propagate_from_slice(model, 4, seed_box=(100, 100, 139, 139), direction="up", keep_largest=False)
+    assert max(result.masks) == 15 and result.stop_reasons["up"] == "volume edge"
+    seed = np.zeros((256, 256), bool)
+    seed[100:140, 100:140] = True
+    given = propagate_from_slice(BoxFiller(range(0, 8)), 4, seed_mask=seed, direction="up", keep_largest=False)
+    assert given.stop_reasons["up"] == "volume edge"  # no prompt on the seed: nothing to compare with

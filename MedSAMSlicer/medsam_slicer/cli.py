@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--min-score-ratio", type=float, metavar="F",
                      help="stop rule: the model's score on a new slice below F times the seed slice's ends growth "
                           "(default 0.7, LiteMedSAM only; 0 switches it off)")
+    seg.add_argument("--min-stability-ratio", type=float, metavar="F",
+                     help="stop rule: where a slice's mask and the mask of a slightly looser box agree (IoU) less "
+                          "than F times as well as on the seed slice, on two slices in a row, growth ends "
+                          "(default 0.8; 0 switches it off)")
     seg.add_argument("--no-largest-component", action="store_true", help="keep every 3D component, not only the largest")
     seg.add_argument("--fill-holes", action="store_true", help="fill holes slice by slice")
     seg.add_argument("--probabilities", metavar="FILE", help="also write the foreground probability (float32)")
