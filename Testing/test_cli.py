@@ -92,7 +92,9 @@ def test_propagate_box3d_keys_and_probabilities(capsys, tmp_path, ct_path, tiny_
     segmented = set().union(*per_slice.values())
     assert all(p[k].max() == 0 for k in range(p.shape[0]) if k not in segmented)
     union = np.logical_or.reduce(list(masks.values()))
-    assert (p[union] > 0.5).mean() > 0.95  # probabilities agree with the masks where they were produced
+    # each slice's probabilities come from the call that produced its mask, although mode a also
+    # prompts each grown slice with a looser box and mode b with the 3D box's extent
+    assert (p[union] > 0.5).all()
 
 
 BAD = [

@@ -44,7 +44,7 @@ class SlicePredictor:
         self.cache = cache if cache is not None else default_cache(engine.device)
         self.key = key or volume_key(volume)
         self.encoded = 0  # encoder calls made by this predictor, for tests and reports
-        self.keep_probabilities = False  # when set, __call__ keeps each slice's probabilities in .kept
+        self.keep_probabilities = False  # when set, __call__ keeps every call's probabilities in .kept[slice]
         self.kept = {}
 
     @property
@@ -113,5 +113,5 @@ class SlicePredictor:
     def __call__(self, index: int, box) -> Tuple[np.ndarray, float]:
         prob, score = self.probabilities(index, [box])
         if self.keep_probabilities:
-            self.kept[index] = prob[0]
+            self.kept.setdefault(index, []).append(prob[0])  # a slice may be prompted more than once
         return prob[0] > 0.5, float(score[0])

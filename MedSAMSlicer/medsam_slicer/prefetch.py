@@ -225,7 +225,7 @@ class PrefetchingPredictor:
     def __call__(self, index: int, box) -> Tuple[np.ndarray, float]:
         prob, score = self.probabilities(index, [box])
         if getattr(self.predictor, "keep_probabilities", False):
-            self.predictor.kept[index] = prob[0]
+            self.predictor.kept.setdefault(index, []).append(prob[0])
         return prob[0] > 0.5, float(score[0])
 
     def cancel(self) -> None:

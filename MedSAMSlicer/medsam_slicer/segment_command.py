@@ -195,12 +195,17 @@ def _refuse_overwriting_input(output: str, input_path: str) -> None:
 
 
 def _collect_probabilities(predictor, masks, axis, shape, probability):
-    """Foreground probability of each segmented slice (from the call that produced it); max over segments."""
+    """Foreground probability of each segmented slice, from the call that produced its mask; max over
+    segments. A slice may have been prompted several times (mode a's looser box, mode b's extent
+    prompt and its two chains, the window choice): the call whose mask agrees best (IoU) with the
+    final one is taken, since post-processing (largest component, clipping) only trims it."""
     if probability is None:
         probability = np.zeros(shape, np.float32)
-    for index in masks:
-        prob = predictor.kept.pop(index, None)
-        if prob is not None:
+    for index, mask in masks.items():
+        calls = predictor.kept.pop(index, [])
+        if calls:
+            mask = np.asarray(mask, dtype=bool)
+            prob = max(calls, key=lambda p: np.logical_and(p > 0.5, mask).sum() / max(1, np.logical_or(p > 0.5, mask).sum()))
             view = probability[slice_index(axis, index)]
             np.maximum(view, prob, out=view)
     predictor.kept.clear()
