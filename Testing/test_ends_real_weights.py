@@ -70,3 +70,7 @@ def test_mode_a_stops_where_the_mask_follows_a_looser_box(ct_array, expert_masks
     assert ends_vs_truth(off.volume("k", truth.shape), truth)[0] >= 10
     with_rule, without = (dice(r.volume("k", truth.shape), truth) for r in (result, off))
     assert with_rule >= without + 0.1, f"Dice {with_rule:.3f} with the rule, {without:.3f} without (measured 0.533 and 0.311)"
+    # grown from that slice's mask (the Slicer effect's Propagate): the rule holds there too (SEED_MASK_EVIDENCE)
+    from_mask = propagate_from_slice(predictor, seed, seed_mask=result.masks[seed])
+    assert -3 <= ends_vs_truth(from_mask.volume("k", truth.shape), truth)[0] <= 1
+    assert from_mask.stop_reasons["down"].startswith("masks unstable under a looser box at slices ")

@@ -925,11 +925,24 @@ def test_masks_that_follow_a_looser_box_on_two_slices_in_a_row_stop_growth():
     assert max(off.masks) == 15 and off.stop_reasons["up"] == "volume edge"
 
 
-def test_one_unstable_slice_alone_does_not_stop_growth_nor_does_a_given_seed_mask_use_the_rule():
+def test_one_unstable_slice_alone_does_not_stop_growth():
     model = BoxFiller(set(range(0, 16)) - {8})  # one odd slice inside the structure
     result = propagate_from_slice(model, 4, seed_box=(100, 100, 139, 139), direction="up", keep_largest=False)
     assert max(result.masks) == 15 and result.stop_reasons["up"] == "volume edge"
+
+
+def test_a_seed_given_as_a_mask_is_prompted_with_the_next_slices_box_for_the_rules_reference():
+    """SEED_MASK_EVIDENCE: the Slicer effect grows the segment's own slice (a mask, no box). The
+    model is asked about that slice with the box the next slices get (the mask's box plus the
+    margin) and a looser one, so the stability rule holds as it does for a seed box."""
     seed = np.zeros((256, 256), bool)
     seed[100:140, 100:140] = True
-    given = propagate_from_slice(BoxFiller(range(0, 8)), 4, seed_mask=seed, direction="up", keep_largest=False)
-    assert given.stop_reasons["up"] == "volume edge"  # no prompt on the seed: nothing to compare with
+    model = BoxFiller(range(0, 8))
+    given = propagate_from_slice(model, 4, seed_mask=seed, direction="up", keep_largest=False)
+    assert sorted(given.masks) == [4, 5, 6, 7, 8]
+    assert given.stop_reasons["up"].startswith("masks unstable under a looser box at slices 8 and 9")
+    assert [box for index, box in model.calls if index == 4] == [(97, 97, 142, 142), (93.0, 93.0, 146.0, 146.0)]
+    assert np.array_equal(given.masks[4], seed)  # the given mask stays as it is
+    off = propagate_from_slice(BoxFiller(range(0, 8)), 4, seed_mask=seed, direction="up", keep_largest=False,
+                               rules=StopRules(min_stability_ratio=None, min_score_ratio=None))
+    assert off.stop_reasons["up"] == "volume edge"  # nothing asks the model about the seed then
