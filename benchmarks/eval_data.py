@@ -185,23 +185,19 @@ def files_case(image: str, labels: str, names: Dict[int, str] = None) -> Tuple[s
     files); a label map's value N is named names[N] where given. Missing or unreadable files raise
     the engine's InputError (one line)."""
     from medsam_slicer.errors import InputError
-    from medsam_slicer.volume_io import read_segmentation_masks, read_volume
+    from medsam_slicer.volume_io import LABELMAP_EXTENSIONS, read_segmentation_masks, read_volume
 
     volume = read_volume(image)
     masks = read_segmentation_masks(labels, volume)
-    renamed = {}
-    for name, mask in masks.items():
-        value = name[len("label "):] if name.startswith("label ") else None
-        renamed[(names or {}).get(int(value), name) if value is not None else name] = mask
-    unknown = sorted(set(names or {}) - {int(n[len("label "):]) for n in masks if n.startswith("label ")})
+    names = names or {}
+    values = {name: int(name[len("label "):]) for name in masks if name.startswith("label ")}  # a label map's names
+    unknown = sorted(set(names) - set(values.values()))
     if unknown:
         raise InputError(f"'{labels}' has no label value {', '.join(map(str, unknown))}")
+    renamed = {names.get(values.get(name), name): mask for name, mask in masks.items()}
     case = os.path.basename(os.path.normpath(image))
-    for suffix in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd"):
-        if case.lower().endswith(suffix):
-            case = case[: -len(suffix)]
-            break
-    return case, volume, renamed
+    suffix = next((s for s in LABELMAP_EXTENSIONS if case.lower().endswith(s)), "")
+    return case[: len(case) - len(suffix)], volume, renamed
 
 
 def cases(dataset: str, cache_dir: str) -> Iterator[Tuple[str, object, Dict[str, np.ndarray]]]:
