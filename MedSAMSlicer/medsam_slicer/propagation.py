@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import InputError, MedSAMError
 from .postprocess import fill_holes_2d, keep_anchored_components
-from .slicing import Box2D, check_axis, grow_box, mask_bbox, slice_count, slice_index
+from .slicing import Box2D, check_axis, grow_box, mask_bbox, mask_iou, slice_count, slice_index
 
 ProgressFn = Callable[[int, np.ndarray, int, int], None]
 
@@ -565,8 +565,7 @@ def _looser(box, slice_shape) -> Tuple[float, float, float, float]:
 def _stability(run: _Run, index: int, box, mask: np.ndarray) -> float:
     """IoU of `mask` (prompted with `box` on slice `index`) with the mask of a looser box (STABILITY_EVIDENCE)."""
     other, _ = run.predict(index, _looser(box, run.shape))
-    union = int((mask | other).sum())
-    return float((mask & other).sum()) / union if union else 1.0
+    return mask_iou(mask, other)
 
 
 def _seed_evidence(run: _Run, rules: StopRules, seed: int, box, mask: np.ndarray, score, margin):

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .errors import InputError
-from .slicing import Box3D, check_axis, slice_index
+from .slicing import Box3D, check_axis, mask_iou, slice_index
 
 
 @dataclasses.dataclass
@@ -204,8 +204,7 @@ def _collect_probabilities(predictor, masks, axis, shape, probability):
     for index, mask in masks.items():
         calls = predictor.kept.pop(index, [])
         if calls:
-            mask = np.asarray(mask, dtype=bool)
-            prob = max(calls, key=lambda p: np.logical_and(p > 0.5, mask).sum() / max(1, np.logical_or(p > 0.5, mask).sum()))
+            prob = max(calls, key=lambda p: mask_iou(p > 0.5, mask))
             view = probability[slice_index(axis, index)]
             np.maximum(view, prob, out=view)
     predictor.kept.clear()

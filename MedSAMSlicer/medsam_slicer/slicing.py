@@ -111,6 +111,13 @@ class Box3D:
         return cls(tuple(lo), tuple(hi))
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two 2D masks; 1 when both are empty."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    union = int((a | b).sum())
+    return float((a & b).sum()) / union if union else 1.0
+
+
 def mask_bbox(mask: np.ndarray):
     """Inclusive [x0, y0, x1, y1] of a 2D mask's foreground, or None when empty."""
     rows = np.flatnonzero(mask.any(axis=1))
