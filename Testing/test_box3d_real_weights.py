@@ -15,7 +15,8 @@ import pytest
 from medsam_slicer.cache import EmbeddingCache
 from medsam_slicer.models import litemedsam
 from medsam_slicer.predictor import SlicePredictor
-from medsam_slicer.propagation import Appearance, segment_box3d
+from medsam_slicer.propagation import segment_box3d
+from medsam_slicer.stop_rules import Appearance
 from medsam_slicer.slicing import mask_bbox
 from medsam_slicer.windowing import from_width_level
 

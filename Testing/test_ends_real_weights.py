@@ -5,7 +5,7 @@ TotalSegmentator's abdominal CT (benchmarks/eval_data.py's abdomen set, fetched 
 the gallbladder's last slices the model draws the organ and the fat around it; under half of that
 mask looks like the seed, so the appearance rule used to drop those slices and stop one or two slices
 short (ends -1 and -2). Keeping the part of such a mask that looks like the seed as the last slice
-(PARTIAL_END_EVIDENCE in propagation.py) brings the ends to 0 and -1.
+(PARTIAL_END_EVIDENCE in stop_rules.py) brings the ends to 0 and -1.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from medsam_slicer.cache import EmbeddingCache
 from medsam_slicer.demo import dice
 from medsam_slicer.models import litemedsam
 from medsam_slicer.predictor import SlicePredictor
-from medsam_slicer.propagation import StopRules, propagate_from_slice
+from medsam_slicer.propagation import propagate_from_slice
+from medsam_slicer.stop_rules import StopRules
 from medsam_slicer.slicing import mask_bbox
 from medsam_slicer.windowing import from_width_level
 from test_real_weights import median_slice

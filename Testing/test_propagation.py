@@ -16,7 +16,6 @@ from medsam_slicer.errors import InputError
 from medsam_slicer.propagation import (
     DRIFT_SCORE_LEAD,
     PropagationResult,
-    StopRules,
     box_with_margin,
     default_margin,
     interpolate_box,
@@ -26,6 +25,7 @@ from medsam_slicer.propagation import (
     segment_key_slices,
 )
 from medsam_slicer.slicing import get_slice, mask_bbox, slice_count
+from medsam_slicer.stop_rules import StopRules
 from oracles import Oracle, degraded_oracle, expert_segments, sphere, splitting_tube, tilted_ellipsoid
 
 NO_RULES = StopRules(min_area=1, max_area_ratio=1e9, check_centroid=False)

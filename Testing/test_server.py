@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from medsam_slicer.errors import InputError  # noqa: E402
-from medsam_slicer.propagation import StopRules  # noqa: E402
+from medsam_slicer.stop_rules import StopRules  # noqa: E402
 from medsam_slicer.server import client as client_mod  # noqa: E402
 from medsam_slicer.server.client import (  # noqa: E402
     AuthError,

@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 
 from medsam_slicer import propagation  # noqa: E402
 from medsam_slicer.errors import InputError  # noqa: E402
-from medsam_slicer.propagation import StopRules  # noqa: E402
+from medsam_slicer.stop_rules import StopRules  # noqa: E402
 from medsam_slicer.server import protocol  # noqa: E402
 from medsam_slicer.windowing import IntensityWindow  # noqa: E402
 

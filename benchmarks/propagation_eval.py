@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.join(HERE, "..", "MedSAMSlicer"))
 from oracles import DEGRADATIONS, degraded_oracle, expert_segments, sample_paths, synthetic_shapes  # noqa: E402
 
 from medsam_slicer.propagation import (  # noqa: E402
-    StopRules,
     default_margin,
     propagate_from_slice,
     repropagate,
@@ -38,6 +37,7 @@ from medsam_slicer.propagation import (  # noqa: E402
     segment_key_slices,
 )
 from medsam_slicer.slicing import mask_bbox  # noqa: E402
+from medsam_slicer.stop_rules import StopRules  # noqa: E402
 
 TARGET_DICE = ("right lung", "left lung", "cervical vertebral column", "thoracic vertebral column", "lumbar vertebral column")
 

@@ -184,7 +184,7 @@ def slice_job(job, holder, provider, key, volume, spec, axis, index, box):
 
 def stop_rules(max_slices, overrides=None):
     """medsam_slicer's StopRules with the effect's "Max slices" (0: no limit) and field overrides."""
-    from medsam_slicer.propagation import StopRules
+    from medsam_slicer.stop_rules import StopRules
 
     options = dict(overrides or {})
     options["max_slices"] = int(max_slices) if max_slices and max_slices > 0 else None

@@ -68,7 +68,7 @@ def plan_jobs(args, shape_kji) -> List[Job]:
 
 
 def stop_rules(args):
-    from .propagation import StopRules
+    from .stop_rules import StopRules
 
     overrides = {}
     for field in ("min_area", "max_area_ratio", "min_score", "max_slices", "min_appearance", "min_score_ratio",

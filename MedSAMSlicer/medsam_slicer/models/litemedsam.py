@@ -30,7 +30,7 @@ DEFAULT_MARGIN = 3.0
 
 # Its IoU head ranks CT windows by their true Dice (window_choice.py has the evidence), so the
 # automatic CT window is the one it scores best on each structure's seed slice, and growth stops
-# where its score falls well below the seed's (propagation.DEFAULT_MIN_SCORE_RATIO).
+# where its score falls well below the seed's (stop_rules.DEFAULT_MIN_SCORE_RATIO).
 SCORE_RANKS_QUALITY = True
 
 FILENAME = "lite_medsam.pth"

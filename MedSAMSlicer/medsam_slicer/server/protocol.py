@@ -109,7 +109,7 @@ def rule_fields() -> Dict[str, Any]:
     """StopRules' fields as {name: type}, resolved (the server's request model is built from them)."""
     import typing
 
-    from ..propagation import StopRules
+    from ..stop_rules import StopRules
 
     return typing.get_type_hints(StopRules)
 
@@ -135,7 +135,7 @@ def rules_to_wire(rules) -> Optional[Dict[str, Any]]:
 def rules_from_wire(given: Optional[Dict[str, Any]]):
     """StopRules from the fields a request gave: omitted ones keep their defaults, an explicit null
     switches that rule off. None: None (the engine's defaults)."""
-    from ..propagation import StopRules
+    from ..stop_rules import StopRules
 
     if given is None:
         return None

@@ -106,19 +106,19 @@ class PrefetchRequest(_Strict):
 
 
 def _rules_model():
-    """The wire form of propagation.StopRules, one optional field per rule (a new rule is written once)."""
+    """The wire form of stop_rules.StopRules, one optional field per rule (a new rule is written once)."""
     from pydantic import create_model
 
     fields = {name: (Optional[kind], Field(None, description=f"default {getattr(_default_rules(), name)!r}"))
               for name, kind in rule_fields().items()}
     model = create_model("Rules", __base__=_Strict, **fields)
-    model.__doc__ = ("Stop rules of open-ended growth (see propagation.StopRules): an omitted field keeps its "
+    model.__doc__ = ("Stop rules of open-ended growth (see stop_rules.StopRules): an omitted field keeps its "
                      "default, an explicit null switches that rule off.")
     return model
 
 
 def _default_rules():
-    from ..propagation import StopRules
+    from ..stop_rules import StopRules
 
     return StopRules()
 
