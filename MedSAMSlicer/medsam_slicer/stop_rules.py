@@ -180,7 +180,7 @@ class Appearance:
 
 
 def judge(rules: StopRules, index: int, mask: np.ndarray, score, prev_area: int, box: Box2D,
-           appearance_share: Optional[float] = None, seed_score: Optional[float] = None):
+          appearance_share: Optional[float] = None, seed_score: Optional[float] = None):
     """(keep this slice?, stop reason or None) for one new slice of open-ended growth."""
     if rules.min_score is not None and score is not None and score < rules.min_score:
         return False, f"low score {score:.2f} at slice {index}"
