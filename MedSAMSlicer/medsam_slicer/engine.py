@@ -41,7 +41,8 @@ class MedSAMEngine:
     decoder calls (they use disjoint modules), so a re-prompt need not wait for a background encode.
 
     fast: run the image encoder through `fast_encoder` (SDPA attention, private weights in the
-    compute dtype; exact within 1e-6 in fp32). False keeps the network's own module as published
+    compute dtype; exact within 1e-6 in fp32) and the mask decoder through `fast_decoder` (fp32,
+    exact to rounding). False keeps the network's own modules as published
     (reduced precisions then run it under autocast). compile: torch.compile the fast encoder (GPU).
     family: the model's family module or registry name (default: ViT-B MedSAM, the `sam` the
     tests build); it is part of `model_id`, hence of every embedding cache key.
@@ -70,6 +71,9 @@ class MedSAMEngine:
         self._encoder = self.sam.image_encoder
         if self.fast:
             self._encoder = self.family.prepare_encoder(self.sam, self._dtype, device, compile=compile)
+            from .fast_decoder import FastBoxDecoder
+
+            self._fast_decoder = FastBoxDecoder(self.sam.prompt_encoder, self.sam.mask_decoder)
         elif self.precision != "fp32":
             encoder, dtype = self.sam.image_encoder, self._dtype
 
@@ -102,6 +106,7 @@ class MedSAMEngine:
         self.max_batch = 1 if device == "cpu" else 8
         self.backend = "torch"
         self._backend_decoder = None  # prompt encoder + mask decoder on the backend (re-prompts), if it passed
+        self._fast_decoder = None  # fast_decoder.FastBoxDecoder over the torch network's decoder
 
     @classmethod
     def on_exports(cls, family, model_id: str, encoder, decoder) -> "MedSAMEngine":
@@ -266,7 +271,10 @@ class MedSAMEngine:
         return prob, np.asarray(iou[:, 0], dtype=np.float32)
 
     def _torch_decode(self, embedding, boxes_model):
-        """SAM's prompt encoder and mask decoder on torch: low-res logits (N, 1, h, w) and IoU (N, 1), numpy."""
+        """SAM's prompt encoder and mask decoder on torch: low-res logits (N, 1, h, w) and IoU (N, 1), numpy.
+        With `fast`, through `fast_decoder` (the same maths, about 1.6 times as fast on a CPU)."""
+        if self._fast_decoder is not None:
+            return self._fast_decoder(embedding, boxes_model)
         import torch
 
         with torch.inference_mode():
