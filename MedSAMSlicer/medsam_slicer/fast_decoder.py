@@ -20,8 +20,9 @@ What changes (and what does not):
   put in place only once, on the one-channel mask, not on the 64- and 32-channel maps.
 * Only the single-mask output is computed (the engine never asks for the three others).
 
-Weights are the modules' own (read, never copied or changed), so the decoder follows any change of
-the network's weights. Outputs match the published decoder to float32 rounding (tested on real CT
+Weights are the modules' own (read, never copied or changed). The positional map and the kept work
+are derived from them once, so the network must not be changed or moved after the decoder is made
+(the engine never does). Outputs match the published decoder to float32 rounding (tested on real CT
 embeddings with LiteMedSAM's weights and a random ViT-B: `Testing/test_fast_decoder.py`).
 
 ``FastBoxDecoder(prompt_encoder, mask_decoder)(embedding, boxes)`` -> low-res logits (N, 1, 4h, 4w)
