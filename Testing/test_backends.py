@@ -248,14 +248,15 @@ def test_auto_lets_openvino_compete_in_bf16_when_the_torch_path_is_bf16(tiny_sam
     assert sorted(tried) == [("onnx", "fp32"), ("openvino", "fp32")]
 
 
-def test_auto_keeping_the_torch_encoder_still_decodes_on_a_backend(tiny_sam, tmp_path, monkeypatch, ct_array):
+def test_auto_keeping_the_torch_encoder_keeps_the_torch_decoder(tiny_sam, tmp_path, monkeypatch, ct_array):
+    """fast_decoder re-prompts as fast as the exported decoders, so no second runtime is loaded."""
     if not backends.available_backends()[1:]:
         pytest.skip("no backend besides torch installed")
     monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(backends, "choose", lambda net, family, torch_encoder, *a, **k: ("torch", torch_encoder))
     engine = MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny", backend="auto")
-    assert engine.backend == "torch" and engine._backend_decoder is not None
-    assert engine._backend_decoder.name == backends.available_backends()[-1]  # openvino first where installed
+    assert engine.backend == "torch" and engine._backend_decoder is None and engine._fast_decoder is not None
+    assert not list(tmp_path.iterdir())  # nothing exported
     reference = MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny")
     emb = reference.encode(np.clip(ct_array[15] / 8 + 100, 0, 255).astype(np.uint8))
     boxes = np.array([[10, 20, 60, 90]], float)

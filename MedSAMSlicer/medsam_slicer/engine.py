@@ -146,9 +146,8 @@ class MedSAMEngine:
         if name == "auto":
             name, encoder = backends.choose(self.sam, self.family, self._encoder, reference, self.decode,
                                             tag=self.precision, precision=target)
-            if name == "torch":  # the encoder stays on torch; re-prompts still run faster on a backend
-                self._backend_decoder = self._backend_decoder_on(("openvino", "onnx"))
-                return
+            if name == "torch":  # the encoder stays on torch, and so does the decoder: fast_decoder
+                return  # re-prompts as fast as the exported ones (28 vs 27-30 ms, ONNX Runtime, Zen 5)
         else:
             encoder = backends.prepare(name, self.sam, self.family, reference, self.decode, precision=target)
         self._encoder, self.backend, self.precision = encoder, name, encoder.precision
@@ -159,8 +158,8 @@ class MedSAMEngine:
 
     def _backend_decoder_on(self, names):
         """The prompt encoder + mask decoder on the first of `names` that is installed, exports and
-        passes its check, else None (the torch decoder stays). A re-prompt on a cached slice took
-        37-38 ms on OpenVINO or ONNX Runtime vs 55-66 ms on torch (idle 2-core AMD EPYC Zen 4)."""
+        passes its check, else None (the torch decoder stays). A backend encoder needs it for the
+        torch-free start (`fast_start.py`); its re-prompts take about what `fast_decoder`'s do."""
         from . import backends
 
         for name in names:
