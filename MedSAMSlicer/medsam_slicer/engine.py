@@ -154,21 +154,20 @@ class MedSAMEngine:
         self._dtype = torch.float32  # a backend takes and returns fp32 arrays
         base = self.model_id.rsplit(":", 1)[0]
         self.model_id = f"{base}:{encoder.precision}:{name}"
-        self._backend_decoder = self._backend_decoder_on([name])
+        self._backend_decoder = self._backend_decoder_on(name)
 
-    def _backend_decoder_on(self, names):
-        """The prompt encoder + mask decoder on the first of `names` that is installed, exports and
-        passes its check, else None (the torch decoder stays). A backend encoder needs it for the
-        torch-free start (`fast_start.py`); its re-prompts take about what `fast_decoder`'s do."""
+    def _backend_decoder_on(self, name: str):
+        """The prompt encoder + mask decoder on backend `name` if it is installed, exports and passes
+        its check, else None (the torch decoder stays). A backend encoder needs it for the torch-free
+        start (`fast_start.py`); its re-prompts take about what `fast_decoder`'s do."""
         from . import backends
 
-        for name in names:
-            if backends.available(name):
-                try:
-                    return backends.prepare_decoder(name, self.sam, self.family)
-                except (backends.BackendError, ImportError, OSError, RuntimeError):
-                    continue  # an optional speed-up: a broken runtime keeps the torch decoder
-        return None
+        if not backends.available(name):
+            return None
+        try:
+            return backends.prepare_decoder(name, self.sam, self.family)
+        except (backends.BackendError, ImportError, OSError, RuntimeError):
+            return None  # an optional part: a broken runtime keeps the torch decoder
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", precision: str = "auto",
