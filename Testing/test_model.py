@@ -40,6 +40,36 @@ def test_training_checkpoint_with_nested_model_key_loads(tmp_path):
     assert torch.equal(loaded.state_dict()[key], sam.state_dict()[key])
 
 
+def test_loading_skips_the_random_init_it_overwrites(tmp_path, monkeypatch):
+    """Building a network that a checkpoint fills draws no random weights (~0.45 s of a ViT-B load),
+    for both families; every tensor is the file's, and torch's init works again afterwards."""
+    from medsam_slicer.model import load_model
+    from medsam_slicer.models.litemedsam import package_asset
+
+    calls = []
+    real = torch.nn.init.kaiming_uniform_
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counting)
+    sam = build_random_sam(TINY, seed=5)
+    assert calls, "the spy sees a network built with random init"
+    path = tmp_path / "tiny.pth"
+    torch.save(sam.state_dict(), path)
+    files = [str(path)] + ([package_asset()] if package_asset() else [])
+    for file in files:
+        calls.clear()
+        net, family, _ = load_model(file)
+        assert calls == [], f"{family.NAME}: {len(calls)} random fills while loading"
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        assert all(torch.equal(v, state[k].float()) for k, v in net.state_dict().items() if k in state)
+    assert torch.nn.init.kaiming_uniform_ is counting
+    fresh = torch.nn.Linear(16, 16)
+    assert calls and fresh.weight.abs().sum() > 0
+
+
 def test_gpu_saved_checkpoint_loads_on_cpu(tmp_path):
     """A checkpoint saved from CUDA tensors (storage location 'cuda:0') loads on a CPU-only machine."""
     import zipfile

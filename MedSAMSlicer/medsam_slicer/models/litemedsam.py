@@ -54,11 +54,12 @@ def matches(state: Dict[str, object]) -> bool:
 def build(state: Dict[str, object], label: str = "checkpoint"):
     """(network with image_encoder / prompt_encoder / mask_decoder on the CPU, "tinyvit")."""
     from . import sam_net
-    from .medsam import load_into
+    from .medsam import load_into, without_random_init
     from .tinyvit import TinyViTEncoder
 
-    prompt_encoder, mask_decoder = sam_net.prompt_encoder_and_decoder(INPUT_SIZE, 64)
-    net = sam_net.SamNet(TinyViTEncoder(), prompt_encoder, mask_decoder)
+    with without_random_init():
+        prompt_encoder, mask_decoder = sam_net.prompt_encoder_and_decoder(INPUT_SIZE, 64)
+        net = sam_net.SamNet(TinyViTEncoder(), prompt_encoder, mask_decoder)
     load_into(net, state, label, TITLE)
     return net, "tinyvit"
 
