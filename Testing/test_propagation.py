@@ -335,6 +335,30 @@ def test_fill_holes_option():
     assert all(np.array_equal(m, disc((40, 40), 20, 20, 10)) for m in filled.masks.values())
 
 
+def test_post_processing_matches_scipy_on_real_ct_masks(ct_array):
+    """Hole filling and the 26-connected components (SimpleITK) give scipy.ndimage's results on
+    thresholded slabs of the CT sample: many pieces, holes, pockets joined only at corners."""
+    from scipy import ndimage
+
+    from medsam_slicer.postprocess import fill_holes_2d, keep_anchored_components
+
+    checked = 0
+    for low, high in ((-1000, -400), (-100, 100), (200, 3000)):
+        slab = (ct_array[10:20] >= low) & (ct_array[10:20] < high)
+        for k in range(0, slab.shape[0], 3):
+            assert np.array_equal(fill_holes_2d(slab[k]), ndimage.binary_fill_holes(slab[k]))
+        masks = {10 + k: slab[k] for k in range(slab.shape[0])}
+        labels, count = ndimage.label(slab, structure=np.ones((3, 3, 3), dtype=bool))
+        assert count > 1
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        keep = np.isin(labels, [int(np.argmax(sizes))] + list(np.unique(labels[4])))  # slice 14 is an anchor
+        kept = keep_anchored_components(masks, anchors=[14])
+        assert all(np.array_equal(kept[10 + k], keep[k] & slab[k]) for k in range(slab.shape[0]))
+        checked += count
+    assert checked > 20
+
+
 # ---------------------------------------------------------------------------------------------
 # progress and cancel
 
