@@ -43,6 +43,26 @@ def test_cpu_info_names_instruction_sets_and_estimates_peak():
         assert info["peak_gflops"] == pytest.approx(2 * info["ghz"] * info["flop_per_cycle"], rel=0.01)
 
 
+CPUINFO = "vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel name\t: {name}\ncpu MHz\t\t: 2600.000\nflags\t\t: {flags}\n"
+
+
+@pytest.mark.parametrize("vendor, family, flags, cap, flop", [
+    ("GenuineIntel", 6, "avx2 fma avx512f amx_bf16", None, 64),  # two 512-bit FMA units
+    ("AuthenticAMD", 25, "avx2 fma avx512f avx512_bf16", None, 32),  # Zen 4: 512-bit ops on 256-bit units
+    ("AuthenticAMD", 26, "avx2 fma avx512f avx512_bf16", None, 64),  # Zen 5: 512-bit units (measured 2.0x)
+    ("AuthenticAMD", 26, "avx2 fma avx512f avx512_bf16", "avx2", 32),
+    ("AuthenticAMD", 23, "avx2 fma", None, 32),
+    ("GenuineIntel", 6, "avx", None, 16),
+])
+def test_peak_estimate_per_microarchitecture(monkeypatch, vendor, family, flags, cap, flop):
+    name = "AMD EPYC" if vendor == "AuthenticAMD" else "Intel(R) Xeon(R) Processor"
+    text = CPUINFO.format(vendor=vendor, family=family, name=name, flags=flags)
+    monkeypatch.setattr(backends, "_cpuinfo_text", lambda: text)
+    info = backends.cpu_info(2, isa_cap=cap)
+    assert info["flop_per_cycle"] == flop and info["ghz"] == 2.6
+    assert info["peak_gflops"] == pytest.approx(2 * 2.6 * flop)
+
+
 @pytest.mark.parametrize("name", RUNTIMES)
 def test_backend_matches_torch_and_is_cached(name, tiny_sam, backend_cache, ct_array, monkeypatch):
     engine = MedSAMEngine(tiny_sam, "cpu", "fp32", model_id="tiny", backend=name)
