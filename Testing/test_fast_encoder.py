@@ -159,7 +159,8 @@ def test_original_weights_are_untouched(ct_slices):
         fast = prepare_encoder(sam.image_encoder, dtype)
         with torch.inference_mode():
             fast(torch.from_numpy(np.ascontiguousarray(model_input(ct_slices[0][0]))))
-        fast_ptrs = {t.data_ptr() for w in fast.blocks for t in (w.qkv_w, w.fc1_w, w.norm1[0])}
+        # weights packed for oneDNN (float32 on the CPU) live in oneDNN's own fresh buffers
+        fast_ptrs = {t.data_ptr() for w in fast.blocks for t in (w.qkv_w, w.fc1_w, w.norm1[0]) if not t.is_mkldnn}
         assert not fast_ptrs & {p.data_ptr() for p in sam.image_encoder.parameters()}
     after = sam.image_encoder.state_dict()
     for key, value in before.items():
@@ -225,3 +226,27 @@ def test_cache_stays_within_budget_with_real_embeddings(dtype):
     # the default budgets: a CPU keeps 256 fp32 slices, a GPU a 512x512x600 CT's worth of 4 MB each
     assert default_budget_bytes("cpu") // (4 * 1024 * 1024) >= 256
     assert default_budget_bytes("cuda:0") >= 600 * 4 * 1024 * 1024
+
+
+def test_float32_linear_layers_run_on_onednn():
+    """On the CPU the encoders' float32 linear layers are packed for oneDNN (MKL takes its AVX2
+    kernels on AMD CPUs), bf16 ones stay on F.linear, and a packed product is F.linear's."""
+    from medsam_slicer import onednn_linear
+    from medsam_slicer.models.tinyvit import FastTinyViT, TinyViTEncoder
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 9, 96, generator=generator)[:, 1:6]  # N-D and not contiguous, as the encoders pass
+    w, b = torch.randn(192, 96, generator=generator), torch.randn(192, generator=generator)
+    packed = onednn_linear.pack(w)
+    assert packed.is_mkldnn and not onednn_linear.pack(w.bfloat16()).is_mkldnn
+    expected = torch.nn.functional.linear(x, w, b)
+    assert rel_err(onednn_linear.linear(x, packed, b), expected) < 1e-5
+    assert rel_err(onednn_linear.linear(x, packed), torch.nn.functional.linear(x, w)) < 1e-5
+
+    sam = build_random_sam(TINY, seed=2)
+    assert prepare_encoder(sam.image_encoder, torch.float32).blocks[0].qkv_w.is_mkldnn
+    assert not prepare_encoder(sam.image_encoder, torch.bfloat16).blocks[0].qkv_w.is_mkldnn
+    encoder = TinyViTEncoder().eval()
+    fp32, bf16 = FastTinyViT(encoder, torch.float32), FastTinyViT(encoder, torch.bfloat16)
+    assert fp32.stages[0][0].qkv[0].is_mkldnn and fp32.neck1.is_mkldnn
+    assert not bf16.stages[0][0].qkv[0].is_mkldnn and bf16.embed[0][0].is_mkldnn  # the embedding stays float32

@@ -12,6 +12,8 @@ What changes (and what does not):
   never touched: its parameters keep their values, dtype and device, so the fp32 model stays usable.
 * The residual stream and the layer norms stay in float32 (as autocast would keep them), only the
   matrix products, attention and GELU run in the reduced dtype; the output is float32.
+* On the CPU the float32 linear layers run on oneDNN, not MKL (``onednn_linear.py``: MKL takes its
+  AVX2 kernels on AMD CPUs); their results differ by ~1e-6 relative.
 * Optionally, on GPUs, ``torch.compile`` of the whole forward.
 
 ``prepare_encoder(encoder, dtype, device=None, compile=False)`` returns a :class:`FastImageEncoder`,
@@ -95,6 +97,8 @@ class _BlockWeights:
 def _fast_base():
     import torch
 
+    from .onednn_linear import linear, pack
+
     class FastImageEncoder(torch.nn.Module):
         """A functional re-implementation of ImageEncoderViT over a private copy of its weights."""
 
@@ -115,6 +119,9 @@ def _fast_base():
             def cp(t, dt=dtype):  # private, detached copy: nothing shared with the caller's module
                 return t.detach().to(device=self.device, dtype=dt, copy=True).contiguous()
 
+            def lin(t):  # a weight of `linear`: float32 ones packed for oneDNN (onednn_linear.py)
+                return pack(cp(t))
+
             f32 = torch.float32
             with torch.no_grad():
                 proj = encoder.patch_embed.proj
@@ -132,10 +139,10 @@ def _fast_base():
                     w.norm2 = (cp(blk.norm2.weight, rdt), cp(blk.norm2.bias, rdt))
                     w.eps2 = blk.norm2.eps
                     attn = blk.attn
-                    w.qkv_w, w.qkv_b = cp(attn.qkv.weight), (cp(attn.qkv.bias) if attn.qkv.bias is not None else None)
-                    w.proj_w, w.proj_b = cp(attn.proj.weight), cp(attn.proj.bias)
-                    w.fc1_w, w.fc1_b = cp(blk.mlp.lin1.weight), cp(blk.mlp.lin1.bias)
-                    w.fc2_w, w.fc2_b = cp(blk.mlp.lin2.weight), cp(blk.mlp.lin2.bias)
+                    w.qkv_w, w.qkv_b = lin(attn.qkv.weight), (cp(attn.qkv.bias) if attn.qkv.bias is not None else None)
+                    w.proj_w, w.proj_b = lin(attn.proj.weight), cp(attn.proj.bias)
+                    w.fc1_w, w.fc1_b = lin(blk.mlp.lin1.weight), cp(blk.mlp.lin1.bias)
+                    w.fc2_w, w.fc2_b = lin(blk.mlp.lin2.weight), cp(blk.mlp.lin2.bias)
                     w.window = int(blk.window_size)
                     w.heads = int(attn.num_heads)
                     w.use_rel_pos = bool(attn.use_rel_pos)
@@ -176,14 +183,14 @@ def _fast_base():
 
             n, h, wd, c = x.shape
             heads = w.heads
-            qkv = F.linear(x, w.qkv_w, w.qkv_b).reshape(n, h * wd, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+            qkv = linear(x, w.qkv_w, w.qkv_b).reshape(n, h * wd, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
             mask = None
             if w.use_rel_pos:
                 mask = rel_pos_bias(q, w.table_h, w.table_w, (h, wd), (h, wd), self._workspace(n * heads * (h * wd) ** 2))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             out = out.transpose(1, 2).reshape(n, h, wd, c)
-            return F.linear(out, w.proj_w, w.proj_b)
+            return linear(out, w.proj_w, w.proj_b)
 
         def _block(self, x, w: _BlockWeights, inplace: bool = False):
             """x: (B, H, W, C) residual stream (float32, or the compute dtype when not residual_fp32)."""
@@ -210,7 +217,7 @@ def _fast_base():
             y = F.layer_norm(x, (c,), w.norm2[0], w.norm2[1], w.eps2)
             if y.dtype != self.dtype:
                 y = y.to(self.dtype)
-            y = F.linear(F.gelu(F.linear(y, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+            y = linear(F.gelu(linear(y, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
             return x.add_(y) if inplace else x + y
 
         def _all_blocks(self, x):

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..onednn_linear import linear, pack
 from .sam_net import classes
 
 IMG_SIZE = 256
@@ -269,7 +270,8 @@ class FastTinyViT:
     """LiteMedSAM's TinyViT as plain functions over folded weights; see :func:`prepare_fast_encoder`.
 
     Activations are NHWC (channels-last) from end to end, so that every 1x1 convolution is one
-    matrix product over the pixels (``F.linear``) and the transformer stages need no layout changes.
+    matrix product over the pixels (``linear``: oneDNN for float32 weights on the CPU, see
+    onednn_linear.py) and the transformer stages need no layout changes.
     The stream between blocks stays float32, as do layer norms, the local convs, the patch
     embedding and the patch mergings; the MBConv, attention, MLP and neck convolutions run in
     ``dtype``.
@@ -288,8 +290,11 @@ class FastTinyViT:
         def conv(m: ConvBN, to=dt):  # folded (weight, bias); 1x1 convolutions as linear weights
             w, b = m.folded()
             if w.shape[-1] == 1 and m.c.groups == 1:
-                w = w[:, :, 0, 0]
+                return lin(w[:, :, 0, 0], to), cp(b, to)
             return cp(w, to), cp(b, to)
+
+        def lin(t, to=dt):  # a weight of `linear`: float32 ones packed for oneDNN (onednn_linear.py)
+            return pack(cp(t, to))
 
         with torch.no_grad():
             # The patch embedding and the patch mergings stay float32 whatever `dtype` is: they hold
@@ -305,13 +310,13 @@ class FastTinyViT:
             for stage in encoder.layers[:3]:
                 ds = stage.downsample
                 self.merges.append((conv(ds.conv1, f32), conv(ds.conv2, f32), conv(ds.conv3, f32), ds.conv2.c.stride[0]))
-            self.stages = [[self._block(blk, cp, conv) for blk in stage.blocks] for stage in encoder.layers[1:]]
+            self.stages = [[self._block(blk, cp, conv, lin) for blk in stage.blocks] for stage in encoder.layers[1:]]
             neck = encoder.neck
-            self.neck1 = cp(neck[0].weight[:, :, 0, 0])
+            self.neck1 = lin(neck[0].weight[:, :, 0, 0])
             self.neck2 = cp(neck[2].weight)
             self.neck_norms = [(cp(n.weight, torch.float32), cp(n.bias, torch.float32), n.eps) for n in (neck[1], neck[3])]
 
-    def _block(self, blk: TinyViTBlock, cp, conv):
+    def _block(self, blk: TinyViTBlock, cp, conv, lin):
         w = _Weights()
         attn, f32 = blk.attn, torch.float32
         dim, heads = attn.qkv.in_features, attn.heads
@@ -324,20 +329,20 @@ class FastTinyViT:
         scale[:, 0] = head_dim ** -0.5
         qkv_w = (attn.qkv.weight.view(heads, 3, head_dim, dim) * scale).transpose(0, 1).reshape(3 * dim, dim)
         qkv_b = (attn.qkv.bias.view(heads, 3, head_dim) * scale[..., 0]).transpose(0, 1).reshape(3 * dim)
-        w.qkv = (cp(qkv_w), cp(qkv_b))
-        w.proj = (cp(attn.proj.weight), cp(attn.proj.bias))
+        w.qkv = (lin(qkv_w), cp(qkv_b))
+        w.proj = (lin(attn.proj.weight), cp(attn.proj.bias))
         w.bias = cp(attn.attention_biases[:, attn.bias_index])  # (heads, L, L), gathered once
         w.local = conv(blk.local_conv, f32)  # the local conv produces the float32 stream
         mlp = blk.mlp
         w.norm2 = (cp(mlp.norm.weight, f32), cp(mlp.norm.bias, f32), mlp.norm.eps)
-        w.fc1 = (cp(mlp.fc1.weight), cp(mlp.fc1.bias))
-        w.fc2 = (cp(mlp.fc2.weight), cp(mlp.fc2.bias))
+        w.fc1 = (lin(mlp.fc1.weight), cp(mlp.fc1.bias))
+        w.fc2 = (lin(mlp.fc2.weight), cp(mlp.fc2.bias))
         return w
 
     def _merge(self, x, weights):
         (w1, b1), (w2, b2), (w3, b3), stride = weights
-        y = _gelu_(F.linear(x, w1, b1))  # float32, see __init__
-        return F.linear(_gelu_(_dwconv(y, w2, b2, stride)), w3, b3)
+        y = _gelu_(linear(x, w1, b1))  # float32, see __init__
+        return linear(_gelu_(_dwconv(y, w2, b2, stride)), w3, b3)
 
     def _mbconv(self, x, weights):
         """One MBConv on the float32 NHWC stream, in bands of rows.
@@ -352,11 +357,11 @@ class FastTinyViT:
         for r0 in range(0, height, self.band_rows):
             r1 = min(r0 + self.band_rows, height)
             a, e = max(r0 - 1, 0), min(r1 + 1, height)
-            y = _gelu_(F.linear(x[:, a:e].to(self.dtype), w1, b1))
+            y = _gelu_(linear(x[:, a:e].to(self.dtype), w1, b1))
             # Zero padding of the band is right at the image border, and the rows it spoils
             # inside the image are the halo rows, which are dropped.
             y = _gelu_(_dwconv(y, w2, b2)[:, r0 - a:r1 - a])
-            y = F.linear(y, w3, b3)
+            y = linear(y, w3, b3)
             out[:, r0:r1] = _gelu_(y.add_(x[:, r0:r1]) if y.dtype == x.dtype else x[:, r0:r1] + y)
         return out
 
@@ -372,9 +377,9 @@ class FastTinyViT:
             win = F.pad(band, (0, 0, 0, nw * ws - wd, 0, ws - rows))
             win = win.view(b, ws, nw, ws, c).transpose(1, 2).reshape(b * nw, ws * ws, c)
             y = F.layer_norm(win, (c,), *w.norm1).to(self.dtype)
-            qkv = F.linear(y, *w.qkv).view(b * nw, ws * ws, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+            qkv = linear(y, *w.qkv).view(b * nw, ws * ws, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
             y = self.attention(qkv[0], qkv[1], qkv[2], w.bias).transpose(1, 2).reshape(b * nw, ws * ws, c)
-            y = F.linear(y, *w.proj).view(b, nw, ws, ws, c).transpose(1, 2).reshape(b, ws, nw * ws, c)
+            y = linear(y, *w.proj).view(b, nw, ws, ws, c).transpose(1, 2).reshape(b, ws, nw * ws, c)
             band += y[:, :rows, :wd]
 
     def _mlp_(self, x, w: _Weights):
@@ -384,7 +389,7 @@ class FastTinyViT:
         for i in range(0, tokens.shape[0], self.chunk_tokens):
             t = tokens[i:i + self.chunk_tokens]
             y = F.layer_norm(t, (c,), *w.norm2).to(self.dtype)
-            t += F.linear(_gelu_(F.linear(y, *w.fc1)), *w.fc2)
+            t += linear(_gelu_(linear(y, *w.fc1)), *w.fc2)
 
     def _tinyvit_block(self, x, w: _Weights):
         """One TinyViT block; x is a float32 NHWC tensor of ours (updated in place where possible)."""
@@ -404,7 +409,7 @@ class FastTinyViT:
         with torch.inference_mode():
             x = x.to(self.device, torch.float32).permute(0, 2, 3, 1)
             (w1, b1), (w2, b2) = self.embed
-            x = F.linear(_gelu_(F.linear(x, w1, b1)), w2, b2)
+            x = linear(_gelu_(linear(x, w1, b1)), w2, b2)
             for weights in self.mbconv:
                 check()
                 x = self._mbconv(x, weights)
@@ -417,7 +422,7 @@ class FastTinyViT:
                     x = self._merge(x, self.merges[i + 1])
             check()
             (g1, c1, e1), (g2, c2, e2) = self.neck_norms
-            y = F.layer_norm(F.linear(x.to(self.dtype), self.neck1).float(), (NECK_DIM,), g1, c1, e1)
+            y = F.layer_norm(linear(x.to(self.dtype), self.neck1).float(), (NECK_DIM,), g1, c1, e1)
             y = F.conv2d(y.to(self.dtype).permute(0, 3, 1, 2), self.neck2, None, 1, 1).permute(0, 2, 3, 1)
             y = F.layer_norm(y.float(), (NECK_DIM,), g2, c2, e2)
             return y.permute(0, 3, 1, 2).contiguous()
