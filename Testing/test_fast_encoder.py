@@ -228,25 +228,29 @@ def test_cache_stays_within_budget_with_real_embeddings(dtype):
     assert default_budget_bytes("cuda:0") >= 600 * 4 * 1024 * 1024
 
 
-def test_float32_linear_layers_run_on_onednn():
-    """On the CPU the encoders' float32 linear layers are packed for oneDNN (MKL takes its AVX2
-    kernels on AMD CPUs), bf16 ones stay on F.linear, and a packed product is F.linear's."""
+@pytest.mark.parametrize("amd", [True, False])
+def test_float32_linear_layers_run_on_onednn_on_amd(monkeypatch, amd):
+    """On AMD x86 CPUs the encoders' float32 linear layers are packed for oneDNN (MKL takes its AVX2
+    kernels there); bf16 ones stay on F.linear, and a packed product is F.linear's. Elsewhere (Intel:
+    MKL is Intel's own; ARM) every weight stays as it is."""
     from medsam_slicer import onednn_linear
     from medsam_slicer.models.tinyvit import FastTinyViT, TinyViTEncoder
 
+    monkeypatch.setattr(onednn_linear, "_amd_x86", lambda: amd)
+    monkeypatch.setattr(onednn_linear, "_WORKS", None)  # decided anew for this CPU
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, 9, 96, generator=generator)[:, 1:6]  # N-D and not contiguous, as the encoders pass
     w, b = torch.randn(192, 96, generator=generator), torch.randn(192, generator=generator)
     packed = onednn_linear.pack(w)
-    assert packed.is_mkldnn and not onednn_linear.pack(w.bfloat16()).is_mkldnn
+    assert packed.is_mkldnn == amd and not onednn_linear.pack(w.bfloat16()).is_mkldnn
     expected = torch.nn.functional.linear(x, w, b)
     assert rel_err(onednn_linear.linear(x, packed, b), expected) < 1e-5
     assert rel_err(onednn_linear.linear(x, packed), torch.nn.functional.linear(x, w)) < 1e-5
 
     sam = build_random_sam(TINY, seed=2)
-    assert prepare_encoder(sam.image_encoder, torch.float32).blocks[0].qkv_w.is_mkldnn
+    assert prepare_encoder(sam.image_encoder, torch.float32).blocks[0].qkv_w.is_mkldnn == amd
     assert not prepare_encoder(sam.image_encoder, torch.bfloat16).blocks[0].qkv_w.is_mkldnn
     encoder = TinyViTEncoder().eval()
     fp32, bf16 = FastTinyViT(encoder, torch.float32), FastTinyViT(encoder, torch.bfloat16)
-    assert fp32.stages[0][0].qkv[0].is_mkldnn and fp32.neck1.is_mkldnn
-    assert not bf16.stages[0][0].qkv[0].is_mkldnn and bf16.embed[0][0].is_mkldnn  # the embedding stays float32
+    assert fp32.stages[0][0].qkv[0].is_mkldnn == amd and fp32.neck1.is_mkldnn == amd
+    assert not bf16.stages[0][0].qkv[0].is_mkldnn and bf16.embed[0][0].is_mkldnn == amd  # the embedding stays float32

@@ -8,10 +8,13 @@ on an AVX2-only CPU), 85 and 99. The results differ from MKL's by ~1e-6 relative
 
 `pack` turns a weight into oneDNN's blocked layout once, when an encoder is prepared; `linear` runs
 a packed weight on oneDNN and any other on ``F.linear``, so the encoders call one function whatever
-they hold. Where torch has no oneDNN, or the op misbehaves on a first check, weights stay as they are.
+they hold. Only on AMD x86 CPUs, where it was measured: Intel's MKL is Intel's own library, and ARM
+builds of oneDNN are another code base. Elsewhere, where torch has no oneDNN, or where the op
+misbehaves on a first check, weights stay as they are.
 """
 from __future__ import annotations
 
+import platform
 from typing import Optional
 
 import torch
@@ -20,9 +23,24 @@ from torch.nn import functional as F
 _WORKS: Optional[bool] = None
 
 
+def _amd_x86() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if "AuthenticAMD" in platform.processor():  # Windows names the vendor here
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return False
+
+
 def _op_works() -> bool:
-    """Is oneDNN's packed linear here, and does it give F.linear's result on a small product?"""
+    """On an AMD x86 CPU, is oneDNN's packed linear here, and does it give F.linear's result on a
+    small product?"""
     global _WORKS
+    if _WORKS is None and not _amd_x86():
+        _WORKS = False
     if _WORKS is None:
         try:
             generator = torch.Generator().manual_seed(0)
