@@ -44,6 +44,7 @@ library versions, thread count and ISA cap in the environment, so later runs do 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -260,6 +261,21 @@ def weights_digest(module) -> str:
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """This package's Python source. Keys what measures or runs our code: auto's timed verdicts
+    (a faster torch path changes the choice) and fast_start's manifests."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(name.encode() + f.read())
     return digest.hexdigest()
 
 
@@ -754,8 +770,9 @@ def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Ca
            precision: str = "fp32"):
     """`auto`: (backend name, encoder) of the fastest configuration that passes its guard, from a
     calibration (each candidate timed on the check slice, best of 2 after a warm-up) cached per
-    weights, CPU, library versions, threads and ISA cap (`isa_cap_key`). `torch_encoder` is the engine's own torch path (maybe
-    bf16, under its own guard), `reference` the fp32 torch encoder the backends are checked against,
+    weights, CPU, library versions, threads, ISA cap (`isa_cap_key`) and this package's source.
+    `torch_encoder` is the engine's own torch path (maybe bf16, under its own guard), `reference`
+    the fp32 torch encoder the backends are checked against,
     `tag` names the torch path's configuration in the cache key. precision "fp32": ("torch",
     torch_encoder) unless a backend is at least 10% faster, or ties with torch and saves its import
     (`auto_choice`; the imports are timed in fresh processes only when a backend ties); "bf16" (the torch path is bf16): as fp32,
@@ -781,7 +798,7 @@ def choose(net, family, torch_encoder: Callable, reference: Callable, decode: Ca
     digest = weights_digest(net.image_encoder)
     rule = "" if int8 else f"margin={AUTO_MARGIN},tie={AUTO_TIE},slices={AUTO_BREAK_EVEN_SLICES}"
     key = _key([digest, _judge_key(net), family.NAME, torch.__version__, cpu_key(), isa_cap_key(), str(threads), tag,
-                precision, rule]
+                precision, rule, source_digest()]
                + [f"{b}={library_version(b)}:{p}" for b, p in pairs.items()] + ([_version("onnxruntime")] if int8 else []))
     path = os.path.join(cache_root(cache), f"auto-{family.NAME}{'-int8' if int8 else ''}-{key}.json")
     verdict = _read_json(path)

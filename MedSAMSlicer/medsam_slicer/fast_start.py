@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .backends import ISA_CAP_ENV  # torch-free: backends imports torch only where it runs it
+from .backends import ISA_CAP_ENV, source_digest  # torch-free: backends imports torch only where it runs it
 
 FORMAT = "1"
 _ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS") + ISA_CAP_ENV + ("CUDA_VISIBLE_DEVICES", "MEDSAM_SLICER_BACKEND_CACHE")
@@ -51,19 +51,6 @@ def _gpu_visible() -> bool:
     return sys.platform == "darwin" or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd")
 
 
-def _source_digest() -> str:
-    """This package's Python source: any change in how weights are built, exported or run keys anew."""
-    root = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(files):
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name), "rb") as f:
-                    digest.update(name.encode() + f.read())
-    return digest.hexdigest()
-
-
 def manifest_path(request: Request) -> str:
     """Where the manifest for this request lives; its key is everything the exports' keys hold."""
     from .backends import cache_root, cpu_key
@@ -71,7 +58,7 @@ def manifest_path(request: Request) -> str:
     from .weights import sha256_file
 
     precision = (request.precision or "auto").lower()
-    parts = [FORMAT, request.sha256 or sha256_file(request.checkpoint), _source_digest(), sys.version.split()[0], cpu_key(),
+    parts = [FORMAT, request.sha256 or sha256_file(request.checkpoint), source_digest(), sys.version.split()[0], cpu_key(),
              str(os.cpu_count()), str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "")]
     parts += [f"{lib}={_version(lib)}" for lib in _LIBRARIES] + [f"{k}={os.environ.get(k, '')}" for k in _ENV]
     parts += [str(request.model or "").lower(), (request.device or "auto").lower(), precision,
