@@ -236,7 +236,7 @@ def test_float32_linear_layers_run_on_onednn_on_amd(monkeypatch, amd):
     from medsam_slicer import onednn_linear
     from medsam_slicer.models.tinyvit import FastTinyViT, TinyViTEncoder
 
-    monkeypatch.setattr(onednn_linear, "_amd_x86", lambda: amd)
+    monkeypatch.setattr(onednn_linear, "is_amd_x86", lambda: amd)
     monkeypatch.setattr(onednn_linear, "_WORKS", None)  # decided anew for this CPU
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, 9, 96, generator=generator)[:, 1:6]  # N-D and not contiguous, as the encoders pass

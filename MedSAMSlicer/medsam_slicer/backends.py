@@ -151,6 +151,13 @@ def _cpuinfo_text() -> str:
         return ""
 
 
+def is_amd_x86() -> bool:
+    """An AMD x86-64 CPU? (/proc/cpuinfo's vendor on Linux; Windows names it in platform.processor().)"""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return "authenticamd" in (platform.processor() + _cpuinfo_text()).lower()
+
+
 def cpu_info(threads: Optional[int] = None, isa_cap: Optional[str] = None) -> Dict[str, object]:
     """The CPU's model, its instruction sets that matter here and an fp32 peak estimate.
 

@@ -14,32 +14,21 @@ misbehaves on a first check, weights stay as they are.
 """
 from __future__ import annotations
 
-import platform
 from typing import Optional
 
 import torch
 from torch.nn import functional as F
 
+from .backends import is_amd_x86
+
 _WORKS: Optional[bool] = None
-
-
-def _amd_x86() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    if "AuthenticAMD" in platform.processor():  # Windows names the vendor here
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "AuthenticAMD" in f.read(4096)
-    except OSError:
-        return False
 
 
 def _op_works() -> bool:
     """On an AMD x86 CPU, is oneDNN's packed linear here, and does it give F.linear's result on a
     small product?"""
     global _WORKS
-    if _WORKS is None and not _amd_x86():
+    if _WORKS is None and not is_amd_x86():
         _WORKS = False
     if _WORKS is None:
         try:
