@@ -199,7 +199,7 @@ def cpu_info(threads: Optional[int] = None, isa_cap: Optional[str] = None) -> Di
             pass
     if ghz is None and mhz:
         ghz, ghz_source = mhz / 1000.0, "cpu MHz"
-    amd = "AMD" in model.upper() or "authenticamd" in text.lower()
+    amd = is_amd_x86()
     if "avx512f" in flags:
         flop = 32 if amd and (cpu_family or 0) < 26 else 64
     elif "avx2" in flags and "fma" in flags:
