@@ -204,3 +204,17 @@ def test_serve_connection_flags_are_checked_before_loading_the_model(capsys, tmp
     code, _, err = run(capsys, "serve", "--checkpoint", tmp_path / "missing.pth", "--port", 0, flag, value)
     assert code == 2
     assert flag in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_stop_rule_options_reach_the_rules():
+    from medsam_slicer.cli import build_parser
+    from medsam_slicer.segment_command import stop_rules
+    from medsam_slicer.stop_rules import StopRules
+
+    def rules(*extra):
+        return stop_rules(build_parser().parse_args(["segment", "in.nrrd", "-o", "out.seg.nrrd", "--box", "1", "1", "0", "5", "5", "0", *extra]))
+
+    assert rules() == StopRules()
+    assert rules("--min-footprint-share", "0.3").min_footprint_share == 0.3
+    assert rules("--min-footprint-share", "0").min_footprint_share is None  # 0 is off: any share would carry on
+    assert rules("--min-stability-ratio", "0.7").min_stability_ratio == 0.7

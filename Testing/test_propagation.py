@@ -25,7 +25,7 @@ from medsam_slicer.propagation import (
     segment_key_slices,
 )
 from medsam_slicer.slicing import get_slice, mask_bbox, slice_count
-from medsam_slicer.stop_rules import StopRules
+from medsam_slicer.stop_rules import Appearance, StopRules
 from oracles import Oracle, degraded_oracle, expert_segments, sphere, splitting_tube, tilted_ellipsoid
 
 NO_RULES = StopRules(min_area=1, max_area_ratio=1e9, check_centroid=False)
@@ -833,17 +833,18 @@ class Dominant:
         return (lab == pick) & inside, 0.9
 
 
-def lung_over_liver(n=24, shape=(48, 48)):
+def lung_over_liver(n=24, shape=(48, 48), dome=10.0):
     """Label 1 ('lung', dark, slices 8..23) sits on label 2 ('liver', bright, slices 0..9) with the
-    same footprint; on slices 8-9 the lung is a thin ring around the liver's dome (as at the CT
-    sample's lung bases), so a blob-finding model prompted there answers the liver."""
+    same footprint; on slices 8-9 the lung is a thin ring around the liver's dome (radius `dome`
+    inside the lung's 12: as at the CT sample's lung bases), so a blob-finding model prompted there
+    answers the liver."""
     labels = np.zeros((n,) + shape, np.int64)
     rng = np.random.default_rng(0)
     for k in range(n):
         if 8 <= k:
             labels[k][disc(shape, 24, 24, 12)] = 1
         if k <= 9:
-            labels[k][disc(shape, 24, 24, 10 if k >= 8 else 13)] = 2
+            labels[k][disc(shape, 24, 24, dome if k >= 8 else 13)] = 2
     image = np.full(labels.shape, 120, np.uint8)  # soft tissue around
     image[labels == 1] = 30 + rng.integers(0, 20, size=int((labels == 1).sum()))
     image[labels == 2] = 200 + rng.integers(0, 20, size=int((labels == 2).sum()))
@@ -853,13 +854,40 @@ def lung_over_liver(n=24, shape=(48, 48)):
 def test_appearance_change_stops_growth_and_drops_the_slice():
     labels, image = lung_over_liver()
     model = Dominant(labels, image)
-    result = propagate_from_slice(model, 16, seed_box=mask_bbox(labels[16] == 1), direction="down", keep_largest=False)
+    rules = StopRules(min_footprint_share=None)  # no growth inside the previous mask (tested below)
+    result = propagate_from_slice(model, 16, seed_box=mask_bbox(labels[16] == 1), direction="down", keep_largest=False,
+                                  rules=rules)
     assert min(result.masks) == 10  # slice 9's answer (the liver's dome) is dropped
     assert result.stop_reasons["down"] == "appearance changed (0% like the seed) at slice 9"
     off = propagate_from_slice(model, 16, seed_box=mask_bbox(labels[16] == 1), direction="down", keep_largest=False,
                                rules=StopRules(min_appearance=None))
     assert min(off.masks) == 0  # without the rule it runs to the volume's edge through the liver
     assert off.stop_reasons["down"] == "volume edge"
+
+
+def test_growth_goes_on_inside_the_previous_mask_where_the_model_draws_the_dome():
+    """FOOTPRINT_EVIDENCE: on slices 8-9 the lung is a ring around the liver's dome and the model
+    answers the dome (0% like the seed); growth goes on without the model, inside the previous mask,
+    taking the pixels nearer the lung's look than the dome's: the ring, down to the lung's end."""
+    labels, image = lung_over_liver()
+    model = Dominant(labels, image)
+    result = propagate_from_slice(model, 16, seed_box=mask_bbox(labels[16] == 1), direction="down", keep_largest=False)
+    assert min(result.masks) == 8
+    for k in (8, 9):
+        assert np.array_equal(result.masks[k], labels[k] == 1), k  # the ring, its hole (the dome) left open
+    assert result.stop_reasons["down"] == "the part like the seed inside the previous mask ran out at slice 7"
+    assert min(index for index, _ in model.requests) == 9  # the dome's answer; slice 8 without the model
+    # a ring too thin to carry the lung on (20 px, 0.05 of the slice above: under the 0.15 floor) stops there
+    thin_labels, thin_image = lung_over_liver(dome=11.5)
+    thin = propagate_from_slice(Dominant(thin_labels, thin_image), 16, seed_box=mask_bbox(thin_labels[16] == 1),
+                                direction="down", keep_largest=False)
+    assert min(thin.masks) == 10 and thin.stop_reasons["down"] == "appearance changed (0% like the seed) at slice 9"
+    # the nearer-than-the-dome test: grey levels of the lung's range but nearer the dome's are left out
+    look = Appearance(image[16], labels[16] == 1)
+    grey = np.full((48, 48), look.high)  # inside the lung's range, at its bright end
+    nearer_other = look.high + (look.high - look.median) / 2
+    assert look.like(grey).all() and not look.within(grey, labels[16] == 1, other=nearer_other).any()
+    assert look.within(grey, labels[16] == 1, other=200.0).sum() == (labels[16] == 1).sum()
 
 
 def test_appearance_rule_needs_images_and_keeps_heterogeneous_structures():
@@ -905,8 +933,9 @@ def test_a_partial_volume_end_keeps_its_part_like_the_seed_as_the_last_slice():
     assert sorted(result.masks) == [4, 5, 6, 7, 8]
     assert np.array_equal(result.masks[8], model.img[8] == 200)  # the 5 x 5 remnant, not the 8 x 8 mask
     assert result.stop_reasons["up"] == "appearance changed (39% like the seed) at slice 8, its part like the seed kept as the last slice"
+    # (switched off, the remnant would be found inside the previous mask instead: FOOTPRINT_EVIDENCE)
     off = propagate_from_slice(model, 4, seed_box=(15, 15, 24, 24), direction="up", keep_largest=False,
-                               rules=StopRules(partial_end_share=None))
+                               rules=StopRules(partial_end_share=None, min_footprint_share=None))
     assert sorted(off.masks) == [4, 5, 6, 7] and off.stop_reasons["up"] == "appearance changed (39% like the seed) at slice 8"
 
 

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop rule: where a slice's mask and the mask of a slightly looser box agree (IoU) less "
                           "than F times as well as on the seed slice, on two slices in a row, growth ends "
                           "(default 0.8; 0 switches it off)")
+    seg.add_argument("--min-footprint-share", type=float, metavar="F",
+                     help="where the model's mask moves onto other tissue at a structure's end (under 30%% like the "
+                          "seed; a lung's base around the liver's dome), growth goes on inside the previous mask, "
+                          "without the model, while each slice keeps at least F of the previous one's area "
+                          "(default 0.15; 0 switches it off)")
     seg.add_argument("--no-largest-component", action="store_true", help="keep every 3D component, not only the largest")
     seg.add_argument("--fill-holes", action="store_true", help="fill holes slice by slice")
     seg.add_argument("--probabilities", metavar="FILE", help="also write the foreground probability (float32)")

@@ -29,7 +29,7 @@ from .errors import InputError, MedSAMError
 from .postprocess import fill_holes_2d, keep_anchored_components
 from .slicing import Box2D, check_axis, grow_box, mask_bbox, mask_iou, slice_count, slice_index
 from .stop_rules import (DEFAULT_MAX_AREA_RATIO, DEFAULT_MIN_APPEARANCE, Appearance, StopRules, check_rules,
-                         is_partial_end, judge, looser_box)
+                         footprint_holds, is_partial_end, judge, looser_box, moved_on)
 
 ProgressFn = Callable[[int, np.ndarray, int, int], None]
 
@@ -392,6 +392,7 @@ def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, 
     look = _appearance(run, rules, start, mask)
     floor = None if seed_stability is None or rules.min_stability_ratio is None else rules.min_stability_ratio * seed_stability
     unstable = False  # was the previous slice under the stability floor?
+    other = None  # once the model's masks moved onto other tissue: its grey level (FOOTPRINT_EVIDENCE)
     while True:
         nxt = index + step
         if not 0 <= nxt < run.n:
@@ -403,6 +404,15 @@ def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, 
         if run.cancelled():
             reason = CANCELLED
             break
+        if other is not None:  # inside the previous mask, without the model
+            new = look.within(run.image(nxt), prev, other)  # holes unfilled: they are the other tissue
+            if not footprint_holds(rules, int(new.sum()), prev_area):
+                reason = f"the part like the seed inside the previous mask ran out at slice {nxt}"
+                break
+            count += 1
+            run.finish(nxt, new)
+            prev, prev_area, index = new, int(new.sum()), nxt
+            continue
         box = run.next_box(prev, margin)
         if nxt not in run.prefetched:
             left = budget - count if rules.max_slices is None else min(budget, rules.max_slices) - count
@@ -410,14 +420,22 @@ def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, 
         new, score = run.predict(nxt, box)
         share = look.share(run.image(nxt), new) if look is not None and new.any() else None
         keep, reason = judge(rules, nxt, new, score, prev_area, box, share, seed_score)
-        if not keep and is_partial_end(rules, share) and judge(rules, nxt, new, score, prev_area, box, None, seed_score)[0]:
-            # only the look stopped it, and the mask is still partly like the seed: a partial-volume
-            # end, whose seed-like part is the last slice (PARTIAL_END_EVIDENCE)
+        look_alone = not keep and share is not None and judge(rules, nxt, new, score, prev_area, box, None, seed_score)[0]
+        if look_alone and is_partial_end(rules, share):
+            # the mask is still partly like the seed: a partial-volume end, whose seed-like part is
+            # the last slice (PARTIAL_END_EVIDENCE)
             part = new & look.like(run.image(nxt))
             if judge(rules, nxt, part, score, prev_area, box, None, seed_score)[0]:
                 new, keep = part, True
                 reason += ", its part like the seed kept as the last slice"
-        if keep and reason is None and floor is not None:
+        elif look_alone and moved_on(rules, share):
+            # the model drew other tissue: the structure may go on as a thin part of the previous
+            # mask beside it (FOOTPRINT_EVIDENCE)
+            tissue = look.median_of(run.image(nxt), new)
+            part = look.within(run.image(nxt), prev, tissue)
+            if footprint_holds(rules, int(part.sum()), prev_area):
+                new, keep, reason, other = part, True, None, tissue
+        if keep and reason is None and floor is not None and other is None:
             stability = _stability(run, nxt, box, new)
             if stability < floor and unstable:
                 keep, reason = False, (f"masks unstable under a looser box at slices {index} and {nxt} "

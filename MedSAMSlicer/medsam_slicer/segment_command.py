@@ -76,6 +76,8 @@ def stop_rules(args):
         value = getattr(args, field, None)
         if value is not None:
             overrides[field] = value
+    if getattr(args, "min_footprint_share", None) is not None:
+        overrides["min_footprint_share"] = args.min_footprint_share or None  # 0: off (any share would carry on)
     if getattr(args, "no_centroid_check", False):
         overrides["check_centroid"] = False
     return dataclasses.replace(StopRules(), **overrides)
