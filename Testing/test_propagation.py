@@ -888,6 +888,9 @@ def test_growth_goes_on_inside_the_previous_mask_where_the_model_draws_the_dome(
     nearer_other = look.high + (look.high - look.median) / 2
     assert look.like(grey).all() and not look.within(grey, labels[16] == 1, other=nearer_other).any()
     assert look.within(grey, labels[16] == 1, other=200.0).sum() == (labels[16] == 1).sum()
+    for bad in (0.0, -0.1, 1.5):  # 0 would carry growth on while any part lasts
+        with pytest.raises(InputError, match="min_footprint_share"):
+            propagate_from_slice(model, 16, seed_box=mask_bbox(labels[16] == 1), rules=StopRules(min_footprint_share=bad))
 
 
 def test_appearance_rule_needs_images_and_keeps_heterogeneous_structures():

@@ -180,6 +180,9 @@ def check_rules(rules: Optional[StopRules]) -> StopRules:
         raise InputError(f"max_area_ratio must be above 1, got {rules.max_area_ratio}")
     if rules.max_slices is not None and rules.max_slices < 0:
         raise InputError(f"max_slices must not be negative, got {rules.max_slices}")
+    if rules.min_footprint_share is not None and not 0 < rules.min_footprint_share <= 1:
+        raise InputError(f"min_footprint_share must be above 0 and at most 1 (None switches it off), "
+                         f"got {rules.min_footprint_share}")
     return rules
 
 
@@ -199,7 +202,8 @@ class Appearance:
         values = _grey(image)
         return (values >= self.low) & (values <= self.high)
 
-    def median_of(self, image: np.ndarray, mask: np.ndarray) -> float:
+    @staticmethod
+    def median_of(image: np.ndarray, mask: np.ndarray) -> float:
         """The median grey level of a slice under a (non-empty) mask: the look of what the model drew."""
         return float(np.median(_grey(image)[np.asarray(mask, dtype=bool)]))
 
