@@ -109,6 +109,15 @@ BAD = [
     (["--box", 20, 30, 17, 60, 95, 17, "--name", "a", "--name", "b"], "names"),
     ([], "--box"),
 ]
+GROW = ["--box", 20, 30, 17, 60, 95, 17, "--propagate"]
+BAD += [  # stop rules that cannot mean anything (NaN would silently switch a rule off)
+    (GROW + ["--min-area", -3], "min_area must not be negative"),
+    (GROW + ["--min-appearance", 2], "min_appearance must be between 0 and 1"),
+    (GROW + ["--min-score-ratio", -0.5], "min_score_ratio must be between 0 and 1"),
+    (GROW + ["--min-stability-ratio", "nan"], "min_stability_ratio must be between 0 and 1, got nan"),
+    (GROW + ["--min-score", "nan"], "min_score must be a number"),
+    (GROW + ["--max-area-ratio", 1], "max_area_ratio must be above 1"),
+]
 
 
 @pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])

@@ -116,7 +116,25 @@ def test_not_a_checkpoint(tmp_path):
     bad.write_text("these are not weights")
     with pytest.raises(CheckpointError) as exc:
         load_sam(str(bad))
-    assert "notes.pth" in one_line(exc)
+    assert one_line(exc) == "checkpoint notes.pth is not a PyTorch or safetensors file"
+
+
+def test_checkpoint_with_python_objects_says_how_to_keep_its_tensors(tmp_path):
+    import argparse
+
+    state = build_random_sam(TINY).state_dict()
+    path = tmp_path / "trained.pth"  # as a training script saves it: weights and its arguments
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_sam(str(path))
+    message = one_line(exc)
+    assert message.startswith("checkpoint trained.pth holds a Python object (argparse.Namespace) besides its tensors")
+    assert "torch.save only its state dict" in message
+    # following the advice gives a checkpoint that loads (the weights nest under "model", as before)
+    torch.save({"model": torch.load(path, weights_only=False)["model"]}, path)
+    loaded, _ = load_sam(str(path))
+    key = "image_encoder.patch_embed.proj.weight"
+    assert torch.equal(loaded.state_dict()[key], state[key])
 
 
 def test_state_dict_of_another_model(tmp_path):

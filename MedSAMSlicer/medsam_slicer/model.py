@@ -7,6 +7,7 @@ which builds its network (see `models/`).
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, Optional
 
 from .errors import CheckpointError, InputError
@@ -52,8 +53,7 @@ def read_state_dict(path: str) -> Dict[str, "object"]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle with code, not a checkpoint at all
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {label} cannot be read (truncated or not a PyTorch/safetensors file): {reason[:160]}") from None
+        raise CheckpointError(_unreadable(path, exc)) from None
     if isinstance(state, dict):
         for wrapper in ("model", "state_dict"):  # training checkpoints nest the weights
             if isinstance(state.get(wrapper), dict):
@@ -61,6 +61,24 @@ def read_state_dict(path: str) -> Dict[str, "object"]:
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(f"checkpoint {label} is not a state dict")
     return state
+
+
+def _unreadable(path: str, exc: Exception) -> str:
+    """One line on why a checkpoint could not be read. torch's safe load explains itself over many
+    lines; the one case a user can fix is a file that also pickles Python objects (a training run's
+    argparse.Namespace, a whole nn.Module): say which, and how to keep only the tensors."""
+    label, text = os.path.basename(path), str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"checkpoint {label} holds a Python object ({found.group(1)}) besides its tensors, which a safe load "
+                "refuses (unpickling it could run code from the file); if you trust the file, load it with "
+                "torch.load(path, weights_only=False) and torch.save only its state dict")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not path.endswith(".safetensors") and head not in (b"PK", b"\x80\x02"):  # neither torch's zip nor its pickle
+        return f"checkpoint {label} is not a PyTorch or safetensors file"
+    reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"checkpoint {label} cannot be read (truncated or not a PyTorch/safetensors file): {reason[:160]}"
 
 
 def load_model(path: str, model: Optional[str] = None):

@@ -144,6 +144,7 @@ def run_job(session, job: Job, axis: str, args):
 
 def run_segment(args) -> int:
     from .clinical_io import check_output, write_segments
+    from .stop_rules import check_rules
     from .volume_io import check_output_path, read_volume, write_probabilities
     from .window_choice import window_for_job
     from .windowing import IntensityWindow, choose_window
@@ -164,6 +165,8 @@ def run_segment(args) -> int:
     if volume.is_rgb and axis != "k":
         raise InputError("a colour image has one slice: use --axis k")
     jobs = plan_jobs(args, volume.shape_kji)
+    if any(job.mode == "propagate" for job in jobs):
+        check_rules(stop_rules(args))  # before the model loads: a mistyped rule costs no wait
     window = IntensityWindow(0, 255, False, "rgb") if volume.is_rgb else choose_window(volume.array, args.window, args.preset)
 
     session = open_session(args, volume.array, window)

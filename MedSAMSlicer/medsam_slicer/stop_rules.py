@@ -173,13 +173,26 @@ class StopRules:
     min_stability_ratio: Optional[float] = DEFAULT_MIN_STABILITY_RATIO
 
 
+# Shares of seed-like pixels and ratios to the seed slice's own evidence: only 0 to 1 means anything.
+_FRACTIONS = ("min_appearance", "partial_end_share", "min_score_ratio", "min_stability_ratio")
+
+
 def check_rules(rules: Optional[StopRules]) -> StopRules:
-    """`rules` (None: the defaults), checked before any slice is computed."""
+    """`rules` (None: the defaults), checked before any slice is computed; a value that cannot mean
+    anything (NaN fails every comparison, so `not x >= 0` catches it too) is an InputError."""
     rules = rules if rules is not None else StopRules()
-    if rules.max_area_ratio is not None and rules.max_area_ratio <= 1.0:
+    if not rules.min_area >= 0:
+        raise InputError(f"min_area must not be negative, got {rules.min_area}")
+    if rules.max_area_ratio is not None and not rules.max_area_ratio > 1.0:
         raise InputError(f"max_area_ratio must be above 1, got {rules.max_area_ratio}")
-    if rules.max_slices is not None and rules.max_slices < 0:
+    if rules.max_slices is not None and not rules.max_slices >= 0:
         raise InputError(f"max_slices must not be negative, got {rules.max_slices}")
+    if rules.min_score is not None and rules.min_score != rules.min_score:
+        raise InputError("min_score must be a number, got nan")
+    for name in _FRACTIONS:
+        value = getattr(rules, name)
+        if value is not None and not 0 <= value <= 1:
+            raise InputError(f"{name} must be between 0 and 1, got {value}")
     if rules.min_footprint_share is not None and not 0 < rules.min_footprint_share <= 1:
         raise InputError(f"min_footprint_share must be above 0 and at most 1 (None switches it off), "
                          f"got {rules.min_footprint_share}")
