@@ -266,6 +266,8 @@ def test_user_mistakes_are_input_errors(remote):
         remote.propagate("k", 5, seed_box=BOX, direction="sideways")
     with pytest.raises(InputError, match="seed mask"):
         remote.propagate("k", 5, seed_mask=np.ones((3, 3), bool))
+    with pytest.raises(InputError, match="min_appearance must be between 0 and 1, got 2"):
+        remote.propagate("k", 5, seed_box=BOX, rules=StopRules(min_appearance=2.0))
 
 
 # ----------------------------------------------------------------------------------------------
