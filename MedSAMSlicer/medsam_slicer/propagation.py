@@ -406,41 +406,37 @@ def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, 
             break
         if other is not None:  # inside the previous mask, without the model
             new = look.within(run.image(nxt), prev, other)  # holes unfilled: they are the other tissue
-            if not footprint_holds(rules, int(new.sum()), prev_area):
-                reason = f"the part like the seed inside the previous mask ran out at slice {nxt}"
-                break
-            count += 1
-            run.finish(nxt, new)
-            prev, prev_area, index = new, int(new.sum()), nxt
-            continue
-        box = run.next_box(prev, margin)
-        if nxt not in run.prefetched:
-            left = budget - count if rules.max_slices is None else min(budget, rules.max_slices) - count
-            run.prefetch([nxt + step * n for n in range(min(run.lookahead, max(1, left)))])
-        new, score = run.predict(nxt, box)
-        share = look.share(run.image(nxt), new) if look is not None and new.any() else None
-        keep, reason = judge(rules, nxt, new, score, prev_area, box, share, seed_score)
-        look_alone = not keep and share is not None and judge(rules, nxt, new, score, prev_area, box, None, seed_score)[0]
-        if look_alone and is_partial_end(rules, share):
-            # the mask is still partly like the seed: a partial-volume end, whose seed-like part is
-            # the last slice (PARTIAL_END_EVIDENCE)
-            part = new & look.like(run.image(nxt))
-            if judge(rules, nxt, part, score, prev_area, box, None, seed_score)[0]:
-                new, keep = part, True
-                reason += ", its part like the seed kept as the last slice"
-        elif look_alone and moved_on(rules, share):
-            # the model drew other tissue: the structure may go on as a thin part of the previous
-            # mask beside it (FOOTPRINT_EVIDENCE)
-            tissue = look.median_of(run.image(nxt), new)
-            part = look.within(run.image(nxt), prev, tissue)
-            if footprint_holds(rules, int(part.sum()), prev_area):
-                new, keep, reason, other = part, True, None, tissue
-        if keep and reason is None and floor is not None and other is None:
-            stability = _stability(run, nxt, box, new)
-            if stability < floor and unstable:
-                keep, reason = False, (f"masks unstable under a looser box at slices {index} and {nxt} "
-                                       f"(IoU {stability:.2f}, under {rules.min_stability_ratio:g} of the seed's)")
-            unstable = stability < floor
+            keep = footprint_holds(rules, int(new.sum()), prev_area)
+            reason = None if keep else f"the part like the seed inside the previous mask ran out at slice {nxt}"
+        else:
+            box = run.next_box(prev, margin)
+            if nxt not in run.prefetched:
+                left = budget - count if rules.max_slices is None else min(budget, rules.max_slices) - count
+                run.prefetch([nxt + step * n for n in range(min(run.lookahead, max(1, left)))])
+            new, score = run.predict(nxt, box)
+            share = look.share(run.image(nxt), new) if look is not None and new.any() else None
+            keep, reason = judge(rules, nxt, new, score, prev_area, box, share, seed_score)
+            look_alone = not keep and share is not None and judge(rules, nxt, new, score, prev_area, box, None, seed_score)[0]
+            if look_alone and is_partial_end(rules, share):
+                # the mask is still partly like the seed: a partial-volume end, whose seed-like part
+                # is the last slice (PARTIAL_END_EVIDENCE)
+                part = new & look.like(run.image(nxt))
+                if judge(rules, nxt, part, score, prev_area, box, None, seed_score)[0]:
+                    new, keep = part, True
+                    reason += ", its part like the seed kept as the last slice"
+            elif look_alone and moved_on(rules, share):
+                # the model drew other tissue: the structure may go on as a thin part of the
+                # previous mask beside it (FOOTPRINT_EVIDENCE)
+                tissue = look.median_of(run.image(nxt), new)
+                part = look.within(run.image(nxt), prev, tissue)
+                if footprint_holds(rules, int(part.sum()), prev_area):
+                    new, keep, reason, other = part, True, None, tissue
+            if keep and reason is None and floor is not None and other is None:
+                stability = _stability(run, nxt, box, new)
+                if stability < floor and unstable:
+                    keep, reason = False, (f"masks unstable under a looser box at slices {index} and {nxt} "
+                                           f"(IoU {stability:.2f}, under {rules.min_stability_ratio:g} of the seed's)")
+                unstable = stability < floor
         if keep:
             count += 1
             run.finish(nxt, new)
