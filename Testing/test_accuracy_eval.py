@@ -83,7 +83,7 @@ def test_own_volume_and_label_map_give_the_built_in_case_numbers(tmp_path, ct_pa
 
     labels = str(tmp_path / "labels.nii.gz")
     cropped_label_map(ct_path, expert_masks, {"left lung": 3, "right lung": 7}, labels)
-    common = ["--structures", "left lung", "--window", "1000,-500", "--cache-dir", CACHE]
+    common = ["--structures", "left lung", "--cache-dir", CACHE]  # the default window: as segment picks it
     mine, builtin = tmp_path / "mine.json", tmp_path / "builtin.json"
     assert main(["--volume", ct_path, "--labels", labels, "--label-names", "3=left lung,7=right lung",
                  "--tumours", "left lung", "--json", str(mine)] + common) == 0
@@ -92,6 +92,8 @@ def test_own_volume_and_label_map_give_the_built_in_case_numbers(tmp_path, ct_pa
     for key in ("slices", "dice2d_median", "dice_a", "ends_a", "dice_b", "dice_c", "dice_base"):
         assert row[key] == expected[key], key
     assert row["dice_a"] > 0.9 and row["dice2d_median"] > 0.85  # a real evaluation, not an empty one
+    # the model's own pick for the lung (window_choice), not the volume's one window (ct-abdomen)
+    assert json.load(open(mine))["window"] == "model" and row["window"] == expected["window"] == "1000/-500"
     assert row["dataset"] == "tumours" and expected["dataset"] == "ctchest"
     assert any(line.startswith("mode a, tumour ends: ") for line in json.load(open(mine))["summary"])
 

@@ -3,7 +3,7 @@
     python benchmarks/accuracy_eval.py [--model litemedsam|medsam] [--checkpoint FILE]
         [--data ctchest|tumours|brain|abdomen|all | --volume IMAGE --labels SEG [--label-names 1=liver,...]
          [--tumours NAMES]] [--structures "right lung,left lung"]
-        [--window auto|model|PRESET|W,L] [--key-every 5] [--cache-dir DIR] [--window-sweep] [--json out.json]
+        [--window model|auto|PRESET|W,L] [--key-every 5] [--cache-dir DIR] [--window-sweep] [--json out.json]
 
 Data (eval_data.py): slicerio's CT chest sample with its expert segmentation, pyradiomics' five
 tumour cases (brain and breast MR, lung CT), the Colin27 brain with AAL regions, TotalSegmentator's
@@ -30,6 +30,10 @@ end says nothing about a stop rule; "abuts": the truth continues as another labe
 Structures made of many separate pieces (largest 3D component under half the voxels: the ribs)
 are marked "pieces" and left out of the summary: one box around a ring of ribs is no prompt for a
 box-prompted model.
+
+--window model (the default) measures what `segment` does: on CT, LiteMedSAM picks each structure's
+window on its seed slice (window_choice.py); other data and ViT-B get choose_window's. --window auto
+is choose_window's one window per volume (ct-abdomen on CT).
 
 --window-sweep adds, on CT, the tight-box 2D Dice of each window preset and how well the model's
 quality score ranks those windows slice by slice (run it with a model's weights before setting its
@@ -458,9 +462,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tumours", default="", help="comma-separated structures of --volume to count as tumours "
                         "(their ends are judged within +-2 slices)")
     parser.add_argument("--structures", help="comma-separated names (default: every segment)")
-    parser.add_argument("--window", default="auto",
-                        help="auto (choose_window), model (picked per structure by the model's score, as segment "
-                             "does), a preset name, or W,L (default auto)")
+    parser.add_argument("--window", default="model",
+                        help="model (picked per structure by the model's score, as segment does: the default), auto "
+                             "(choose_window: one window per volume), a preset name, or W,L")
     parser.add_argument("--key-every", type=int, default=5, help="mode c: a key slice every N slices (default 5)")
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "accuracy-eval"))
     parser.add_argument("--window-sweep", action="store_true", help="also 2D Dice per window preset (CT only), and how well the model's score ranks the windows")
