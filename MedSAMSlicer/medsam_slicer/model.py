@@ -73,9 +73,12 @@ def _unreadable(path: str, exc: Exception) -> str:
         return (f"checkpoint {label} holds a Python object ({found.group(1)}) besides its tensors, which a safe load "
                 "refuses (unpickling it could run code from the file); if you trust the file, load it with "
                 "torch.load(path, weights_only=False) and torch.save only its state dict")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not path.endswith(".safetensors") and head not in (b"PK", b"\x80\x02"):  # neither torch's zip nor its pickle
+    try:  # neither torch's zip nor its pickle?
+        with open(path, "rb") as f:
+            foreign = not path.endswith(".safetensors") and f.read(2) not in (b"PK", b"\x80\x02")
+    except OSError:  # unreadable (permissions): torch's own reason, below, says so
+        foreign = False
+    if foreign:
         return f"checkpoint {label} is not a PyTorch or safetensors file"
     reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"checkpoint {label} cannot be read (truncated or not a PyTorch/safetensors file): {reason[:160]}"

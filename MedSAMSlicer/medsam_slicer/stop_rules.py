@@ -4,6 +4,7 @@ the evidence for each threshold, and the judgement of one new slice. No torch, n
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -187,7 +188,7 @@ def check_rules(rules: Optional[StopRules]) -> StopRules:
         raise InputError(f"max_area_ratio must be above 1, got {rules.max_area_ratio}")
     if rules.max_slices is not None and not rules.max_slices >= 0:
         raise InputError(f"max_slices must not be negative, got {rules.max_slices}")
-    if rules.min_score is not None and rules.min_score != rules.min_score:
+    if rules.min_score is not None and math.isnan(rules.min_score):
         raise InputError("min_score must be a number, got nan")
     for name in _FRACTIONS:
         value = getattr(rules, name)
