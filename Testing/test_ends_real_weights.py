@@ -6,10 +6,12 @@ the gallbladder's last slices the model draws the organ and the fat around it; u
 mask looks like the seed, so the appearance rule used to drop those slices and stop one or two slices
 short (ends -1 and -2). Keeping the part of such a mask that looks like the seed as the last slice
 (PARTIAL_END_EVIDENCE in stop_rules.py) brings the ends to 0 and -1. A lung base around the liver's
-dome is followed inside the previous mask (FOOTPRINT_EVIDENCE).
+dome is followed inside the previous mask (FOOTPRINT_EVIDENCE). On thin slices the next box covers
+the last 3 mm of masks (BOX_MEMORY_EVIDENCE).
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from medsam_slicer.cache import EmbeddingCache
@@ -138,3 +140,33 @@ def test_a_full_size_chest_cts_lungs_stop_at_their_bases():
         low, _ = ends_vs_truth(pred, truth)  # the upper ends reach the volume's edge
         assert -4 <= low <= 1, f"{name}: lower end {low:+d} (measured -3): {result.stop_reasons['down']}"
         assert dice(pred, truth) >= 0.92, name  # measured 0.973 (right), 0.938 (left)
+
+
+def thinner(array, factor: int):
+    """`array` ([k, j, i]) with `factor` - 1 slices put between each pair, linear along k."""
+    array = np.asarray(array, dtype=np.float32)
+    at = np.arange((array.shape[0] - 1) * factor + 1) / factor
+    low = np.minimum(at.astype(int), array.shape[0] - 2)
+    t = (at - low)[:, None, None]
+    return (1 - t) * array[low] + t * array[low + 1]
+
+
+def test_thin_slices_keep_a_large_organ_from_shrinking_away(abdomen):
+    """BOX_MEMORY_EVIDENCE: the abdominal MR (3 mm slices) resampled to 1 mm slices, linear along k,
+    and its liver grown from one box on the median slice. Each next box is the previous mask's plus
+    3 px (256 frame) and the model draws a little inside it: over three times as many steps the masks
+    shrank to a sliver of the liver. With the box covering the masks of the last 3 mm it holds.
+    Measured: 3D Dice 0.778 with the memory, 0.469 without (0.769 on the 3 mm slices)."""
+    from accuracy_eval import parse_window
+    from medsam_slicer.engine import MedSAMEngine
+
+    volume, truths = abdomen["mr"]
+    array, truth = thinner(volume.array, 3), thinner(truths["liver"], 3) > 0.5
+    engine = MedSAMEngine.load("litemedsam", device="cpu", precision="fp32")
+    predictor = SlicePredictor(engine, array, parse_window("auto", array), "k", EmbeddingCache(512 << 20), slice_mm=1.0)
+    seed = median_slice(truth)
+    held = dice(propagate_from_slice(predictor, seed, seed_box=mask_bbox(truth[seed])).volume("k", truth.shape), truth)
+    predictor.slice_mm = None  # spacing unknown: every slice is taken as thick, one mask of memory
+    shrunk = dice(propagate_from_slice(predictor, seed, seed_box=mask_bbox(truth[seed])).volume("k", truth.shape), truth)
+    assert held >= 0.72, f"Dice {held:.3f} with the memory (measured 0.778)"
+    assert shrunk <= held - 0.15, f"Dice {shrunk:.3f} without it, {held:.3f} with it (measured 0.469, 0.778)"

@@ -1002,3 +1002,13 @@ def test_a_seed_given_as_a_mask_is_prompted_with_the_next_slices_box_for_the_rul
     off = propagate_from_slice(BoxFiller(range(0, 8)), 4, seed_mask=seed, direction="up", keep_largest=False,
                                rules=StopRules(min_stability_ratio=None, min_score_ratio=None))
     assert off.stop_reasons["up"] == "volume edge"  # nothing asks the model about the seed then
+
+
+def test_box_memory_spans_3_mm_of_slices():
+    """BOX_MEMORY_EVIDENCE: the next box covers the masks of the last 3 mm; thick or unknown slices: one."""
+    from medsam_slicer.propagation import box_memory
+    from medsam_slicer.slicing import slice_distance
+
+    assert [box_memory(mm) for mm in (None, 10.0, 5.0, 3.0, 2.0, 1.25, 1.0, 0.625)] == [1, 1, 1, 1, 2, 2, 3, 5]
+    assert [slice_distance((0.7, 0.8, 2.5), axis) for axis in ("i", "j", "k")] == [0.7, 0.8, 2.5]
+    assert slice_distance(None, "k") is None and slice_distance((1.0, 1.0, 0.0), "k") is None

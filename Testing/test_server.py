@@ -995,3 +995,19 @@ def test_a_jobs_reservation_is_computed_before_decoding(tiny_engine, volume, win
         assert state.memory.used == 0 and state.jobs == {}
     finally:
         state.shutdown()
+
+
+def test_predictors_know_the_slice_spacing_the_client_sent(tiny_engine, volume, window):
+    """Propagation measures its box memory in millimetres (BOX_MEMORY_EVIDENCE): the session's
+    geometry (i, j, k mm) reaches every predictor of the session, interactive or a job's, per axis."""
+    from medsam_slicer.server.state import ServerState, Session
+
+    state = ServerState([tiny_engine], None, 64.0, memory_gb=1.0)
+    try:
+        thin = Session("s1", "local", volume, window, {"spacing": [0.8, 0.9, 1.25]}, tiny_engine, "medsam")
+        assert [thin.predictor(state, axis).slice_mm for axis in ("i", "j", "k")] == [0.8, 0.9, 1.25]
+        assert state.new_predictor(thin, "k", None).slice_mm == 1.25
+        unknown = Session("s2", "local", volume, window, None, tiny_engine, "medsam")
+        assert unknown.predictor(state, "k").slice_mm is None
+    finally:
+        state.shutdown()

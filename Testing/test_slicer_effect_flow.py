@@ -153,8 +153,9 @@ class OracleProvider:
         self.sessions = []
         self.loaded = True
 
-    def session(self, volume, window, status=None):
+    def session(self, volume, window, status=None, spacing=None):
         assert volume.shape == SHAPE and volume.dtype != bool
+        self.spacing = spacing
         session = OracleSession(self, volume, window)
         self.sessions.append(session)
         return session
@@ -335,6 +336,8 @@ def test_box_segments_the_slice_into_the_selected_segment(editor, runner, oracle
     assert runner.busy
     finish(runner)
     assert not runner.busy  # the effect's timer stops here
+    # the session knows the voxel spacing (i, j, k mm): propagation measures its box memory in mm
+    assert oracle.spacing == pytest.approx(editor.volume.GetSpacing())
     expected = np.zeros(SHAPE, bool)
     expected[SEED] = get_slice(TRUTH, "k", SEED)
     assert np.array_equal(editor.get("s"), expected)
@@ -654,7 +657,7 @@ def test_provider_configure_never_waits_for_a_load(monkeypatch):
     started = threading.Event()
 
     class FakeRemote:
-        def open_session(self, volume, window):
+        def open_session(self, volume, window, geometry=None):
             return ("session", volume.shape, window)
 
     def slow_remote(settings):
@@ -686,7 +689,7 @@ def test_loading_status_reaches_the_status_line(ct_path, monkeypatch):
     oracle = OracleProvider()
 
     class RemoteOracle:
-        def open_session(self, volume, window):
+        def open_session(self, volume, window, geometry=None):
             return oracle.session(volume, window)
 
     def slow_remote(settings):

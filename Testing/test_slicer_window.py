@@ -175,7 +175,7 @@ class ScoredProvider(OracleProvider):
         super().__init__()
         self.picks_window = picks_window
 
-    def session(self, volume, window, status=None):
+    def session(self, volume, window, status=None, spacing=None):
         session = ScoredSession(self, volume, window, self.picks_window)
         self.sessions.append(session)
         return session

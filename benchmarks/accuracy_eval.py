@@ -502,7 +502,7 @@ def main(argv=None) -> int:
             continue
         spacing_kji = tuple(float(v) for v in np.asarray(volume.spacing)[::-1])
         window = parse_window("auto" if by_model else args.window, volume.array)
-        predictor = SlicePredictor(engine, volume.array, window, "k", cache)
+        predictor = SlicePredictor(engine, volume.array, window, "k", cache, slice_mm=spacing_kji[0])
         print(f"{case}: model {args.model}, window {window.name} [{window.low:g}, {window.high:g}], "
               f"{volume.shape_kji} spacing {spacing_kji} mm (k, j, i)", file=sys.stderr)
         for name, truth in chosen.items():
@@ -510,9 +510,9 @@ def main(argv=None) -> int:
                 from medsam_slicer.session import LocalSession
 
                 mid = median_slice(truth)
-                session = LocalSession(engine, volume.array, window, cache=cache)
+                session = LocalSession(engine, volume.array, window, cache=cache, spacing=volume.spacing)
                 picked, _ = pick_window(session, "k", mid, mask_bbox(truth[mid]))
-                predictor = SlicePredictor(engine, volume.array, picked, "k", cache)
+                predictor = SlicePredictor(engine, volume.array, picked, "k", cache, slice_mm=spacing_kji[0])
                 print(f"  {name}: window {picked.name} picked by the model on slice {mid}", file=sys.stderr)
             row = evaluate(predictor, name, truth, spacing_kji, args.model, args.key_every)
             row["case"] = case

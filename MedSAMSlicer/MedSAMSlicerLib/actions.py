@@ -353,7 +353,8 @@ class ActionRunner:
         # The image goes to the worker only when the holder does not have it: the first job on an image,
         # new engine settings, or after a job that did not finish (it may not have opened the session).
         session_key = (key, provider.settings.key() if hasattr(provider, "settings") else id(provider))
-        volume = writing.image_to_array(image) if session_key != self.session_key else None  # a copy
+        volume = (jobs.SourceImage(writing.image_to_array(image), self.grid(image).spacing)  # a copy
+                  if session_key != self.session_key else None)
         action.segmentation_node, action.segment_id = segmentation_node, segment_id
         action.image, action.image_key, action.session_key = image, key, session_key
         action.segment_state = segment_state(segmentation_node, segment_id)

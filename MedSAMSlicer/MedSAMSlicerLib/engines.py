@@ -221,13 +221,15 @@ class EngineProvider:
         """An engine for the current settings is loaded (the next request needs no load)."""
         return self._engine is not None and self._engine_key == self.settings.key()
 
-    def session(self, volume, window, status: Optional[Callable[[str], None]] = None):
+    def session(self, volume, window, status: Optional[Callable[[str], None]] = None, spacing=None):
+        """A session on `volume` ([k, j, i]) in `window`; spacing: its voxel spacing (i, j, k mm)."""
         engine, settings = self._current(status)
         if settings.mode == "remote":
-            return engine.open_session(volume, window)
+            return engine.open_session(volume, window, geometry=None if spacing is None else {"spacing": spacing})
         from medsam_slicer.session import LocalSession
 
-        return LocalSession(engine, volume, window, background=True)  # neighbours embed while the user looks
+        # background: neighbours embed while the user looks
+        return LocalSession(engine, volume, window, background=True, spacing=spacing)
 
     def describe_engine(self) -> str:
         loading = self.loading

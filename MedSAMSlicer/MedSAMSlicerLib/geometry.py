@@ -49,6 +49,11 @@ class Grid:
     def shape_kji(self) -> Tuple[int, int, int]:
         return (self.size_ijk[2], self.size_ijk[1], self.size_ijk[0])
 
+    @property
+    def spacing(self) -> Tuple[float, float, float]:
+        """Millimetres between neighbouring voxels along i, j and k (the matrix's column lengths)."""
+        return tuple(float(v) for v in np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0))
+
     def ras_to_index(self, ras) -> np.ndarray:
         """Continuous array indices (i, j, k) of RAS points (N, 3) -> (N, 3)."""
         ras = np.atleast_2d(np.asarray(ras, dtype=float))

@@ -19,11 +19,19 @@ and structure, so later jobs on that segment reuse it, and another segment gets 
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 from . import intensity
 
 SLICE, STATUS = "slice", "status"
+
+
+class SourceImage(NamedTuple):
+    """What the main thread sends with the first job on an image: its voxels ([k, j, i] array) and
+    their spacing (i, j, k mm), which propagation uses to keep its boxes steady on thin slices."""
+
+    array: Any
+    spacing: Optional[Tuple[float, float, float]] = None
 
 
 class StaleImageError(RuntimeError):
@@ -97,7 +105,7 @@ class SessionHolder:
 
     def get(self, provider, key, volume, spec, status=None, axis=None, seed=None, cancel=None):
         """(session, IntensityWindow, note), the session set to that window. key: identifies the image
-        and the engine settings; volume: the image as a [k, j, i] array, or None when the main thread
+        and the engine settings; volume: the image (a SourceImage), or None when the main thread
         believes the holder has it; spec: ``window_spec(...)``; status(text): tells the user what is
         loading (or that the model is choosing the window); axis, seed: where the job starts ((slice,
         2D box), see job_seed), for the window the model picks; cancel: the job's cancel event (a
@@ -111,9 +119,9 @@ class SessionHolder:
             self._close_session()
             if key != self.key:
                 self.picks = {}  # another image, or another model: its picks do not carry over
-            window = intensity.window_for(choice[0], volume, display_wl=choice[1], custom=choice[2])
-            self.session = provider.session(volume, window, status=status)
-            self.key, self.volume, self.spec, self.window = key, volume, choice, window
+            window = intensity.window_for(choice[0], volume.array, display_wl=choice[1], custom=choice[2])
+            self.session = provider.session(volume.array, window, status=status, spacing=volume.spacing)
+            self.key, self.volume, self.spec, self.window = key, volume.array, choice, window
         elif choice != self.spec:
             self.window = intensity.window_for(choice[0], self.volume, display_wl=choice[1], custom=choice[2])
             self.spec = choice

@@ -341,7 +341,7 @@ class CaseRunner:
         window = (IntensityWindow(0, 255, False, "rgb") if volume.is_rgb
                   else choose_window(volume.array, case.window, case.preset))
         engine = self.ensure_engine()
-        session = LocalSession(engine, volume.array, window, cache=self.cache)
+        session = LocalSession(engine, volume.array, window, cache=self.cache, spacing=volume.spacing)
         segments = []
         try:
             for plan in case.segments:

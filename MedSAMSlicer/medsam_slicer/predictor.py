@@ -34,8 +34,10 @@ class SlicePredictor:
         axis: str = "k",
         cache: Optional[EmbeddingCache] = None,
         key: Optional[str] = None,
+        slice_mm: Optional[float] = None,
     ):
         self.engine = engine
+        self.slice_mm = slice_mm  # millimetres between slices along axis (None: unknown), for propagation
         self.volume = volume
         self.window = window
         self.axis = check_axis(axis)

@@ -83,13 +83,14 @@ def stop_rules(args):
     return dataclasses.replace(StopRules(), **overrides)
 
 
-def open_session(args, array: np.ndarray, window):
-    """A LocalSession, or the remote client's session when --server is given (same methods)."""
+def open_session(args, array: np.ndarray, window, spacing=None):
+    """A LocalSession, or the remote client's session when --server is given (same methods);
+    spacing: the voxel spacing (i, j, k mm)."""
     if getattr(args, "server", None):
         from .server.client import RemoteEngine
 
-        return RemoteEngine(args.server, token=args.token).open_session(array, window,
-                                                                        model=getattr(args, "model", None))
+        return RemoteEngine(args.server, token=args.token).open_session(
+            array, window, geometry=None if spacing is None else {"spacing": spacing}, model=getattr(args, "model", None))
     from .cache import default_cache
     from .engine import MedSAMEngine
     from .session import LocalSession
@@ -97,7 +98,8 @@ def open_session(args, array: np.ndarray, window):
     engine = MedSAMEngine.load(getattr(args, "model", None), args.checkpoint, device=args.device,
                                precision=args.precision, progress=not getattr(args, "quiet", False),
                                backend=getattr(args, "backend", None))
-    return LocalSession(engine, array, window, cache=default_cache(engine.device, getattr(args, "disk_cache", None)))
+    return LocalSession(engine, array, window, cache=default_cache(engine.device, getattr(args, "disk_cache", None)),
+                        spacing=spacing)
 
 
 class ProgressBar:
@@ -169,7 +171,7 @@ def run_segment(args) -> int:
         check_rules(stop_rules(args))  # before the model loads: a mistyped rule costs no wait
     window = IntensityWindow(0, 255, False, "rgb") if volume.is_rgb else choose_window(volume.array, args.window, args.preset)
 
-    session = open_session(args, volume.array, window)
+    session = open_session(args, volume.array, window, volume.spacing)
     model_window = args.window is None and args.preset in (None, "auto") and not volume.is_rgb
     segments, probability = [], None
     try:

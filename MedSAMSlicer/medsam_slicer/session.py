@@ -11,17 +11,21 @@ import numpy as np
 
 from .cache import EmbeddingCache, default_cache
 from .predictor import SlicePredictor, volume_key
+from .slicing import slice_distance
 from .windowing import IntensityWindow
 
 
 class LocalSession:
     """background: embed slices ahead on a background thread (`prefetch.PrefetchingPredictor`):
     propagation's next slices, and the neighbours of the slice passed to `focus`. Interactive
-    front ends (the Slicer effect) want it; a batch command line does not."""
+    front ends (the Slicer effect) want it; a batch command line does not. spacing: the voxel
+    spacing (i, j, k mm), which propagation uses to keep its next box as steady per millimetre on
+    thin slices as on thick ones (None: unknown, each slice taken as thick)."""
 
     def __init__(self, engine, volume: np.ndarray, window: IntensityWindow, cache: Optional[EmbeddingCache] = None,
-                 background: bool = False):
+                 background: bool = False, spacing=None):
         self.engine = engine
+        self.spacing = spacing
         self.background = background
         self.volume = volume
         self.window = window
@@ -36,7 +40,8 @@ class LocalSession:
         if pred is None or pred.window != self.window:
             if pred is not None and hasattr(pred, "close"):
                 pred.close()
-            pred = SlicePredictor(self.engine, self.volume, self.window, axis, self.cache, self.key)
+            pred = SlicePredictor(self.engine, self.volume, self.window, axis, self.cache, self.key,
+                                  slice_mm=slice_distance(self.spacing, axis))
             if self.background:
                 from .prefetch import PrefetchingPredictor
 

@@ -12,7 +12,7 @@ cut along one of the IJK axes is shown with its rows and columns as below, and a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,6 +51,18 @@ def get_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
     """One slice, rows and columns as in the table above (a colour volume [k, j, i, rgb] keeps its
     channels); a 2D array is its own slice."""
     return volume if volume.ndim == 2 else np.take(volume, index, axis=array_dim(axis))
+
+
+def slice_distance(spacing_ijk, axis: str) -> Optional[float]:
+    """Millimetres between neighbouring slices cut along `axis`, from the voxel spacing (i, j, k mm);
+    None when the spacing is not known or not a positive finite number."""
+    if spacing_ijk is None:
+        return None
+    try:
+        value = float(np.asarray(spacing_ijk, dtype=float).ravel()[_IJK[check_axis(axis)]])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def slice_index(axis: str, index: int) -> tuple:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError, MedSAMError
-from ..slicing import check_axis, get_slice, slice_count, slice_shape
+from ..slicing import check_axis, get_slice, slice_count, slice_distance, slice_shape
 from ..windowing import IntensityWindow
 from .protocol import (
     API_PREFIX,
@@ -268,6 +268,10 @@ class RemotePredictor:
     @property
     def slice_shape(self) -> Tuple[int, int]:
         return slice_shape(self.session.volume.shape, self.axis)
+
+    @property
+    def slice_mm(self) -> Optional[float]:
+        return slice_distance((self.session.geometry or {}).get("spacing"), self.axis)
 
     def image(self, index: int) -> np.ndarray:
         return self.session.window.apply(get_slice(self.session.volume, self.axis, index))

@@ -22,7 +22,7 @@ from .. import __version__
 from ..cache import EmbeddingCache, default_budget_bytes
 from ..errors import InputError
 from ..predictor import volume_key
-from ..slicing import check_axis
+from ..slicing import check_axis, slice_distance
 from ..windowing import IntensityWindow
 from .httputil import http_error
 from .protocol import API_VERSION, window_to_wire
@@ -251,7 +251,7 @@ class ServerState:
         return ScheduledPredictor(
             self.scheduler, session.id, job is None, job.cancel if job is not None else None,
             engine=session.engine, volume=session.volume, window=session.window, axis=axis, cache=self.cache,
-            key=session.key,
+            key=session.key, slice_mm=slice_distance((session.geometry or {}).get("spacing"), axis),
         )
 
     def admit(self, owner: str, nbytes: int) -> int:
