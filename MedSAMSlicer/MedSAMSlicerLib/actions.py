@@ -353,7 +353,9 @@ class ActionRunner:
         # The image goes to the worker only when the holder does not have it: the first job on an image,
         # new engine settings, or after a job that did not finish (it may not have opened the session).
         session_key = (key, provider.settings.key() if hasattr(provider, "settings") else id(provider))
-        volume = (jobs.SourceImage(writing.image_to_array(image), self.grid(image).spacing)  # a copy
+        # the voxels (a copy) and their own spacing (geometry.grid_of without the segmentation's
+        # transform: it never refuses, where a non-linear transform makes self.grid raise)
+        volume = (jobs.SourceImage(writing.image_to_array(image), geometry.grid_of(image).spacing)
                   if session_key != self.session_key else None)
         action.segmentation_node, action.segment_id = segmentation_node, segment_id
         action.image, action.image_key, action.session_key = image, key, session_key
