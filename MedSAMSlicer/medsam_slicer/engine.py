@@ -97,6 +97,10 @@ class MedSAMEngine:
         from .models import get_family
 
         self.family = get_family(family) if isinstance(family, str) else family
+        if device == "cpu":
+            from .heap import keep_large_blocks
+
+            keep_large_blocks()  # the encoders' temporaries reuse the heap, not fresh pages (heap.py)
         self.device = device
         self.precision = precision
         self.model_id = f"{self.family.NAME}/{model_id}:{self.precision}"

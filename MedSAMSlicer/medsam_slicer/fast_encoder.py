@@ -74,12 +74,12 @@ def rel_pos_bias(q, table_h, table_w, q_hw: Tuple[int, int], k_hw: Tuple[int, in
     q_h, q_w = q_hw
     k_h, k_w = k_hw
     b, heads, _, c = q.shape
-    r_q = q.reshape(b * heads, q_h, q_w, c)
+    r_q = q.reshape(b, heads, q_h, q_w, c)  # a view (q is a strided slice of the qkv product): one copy each below
     # rel_h[n, y, x, ky] = sum_c r_q[n, y, x, c] * R_h[y, ky, c] (a batched matmul over y)
-    rel_h = (r_q.permute(1, 0, 2, 3).reshape(q_h, -1, c) @ table_h.transpose(1, 2))
+    rel_h = (r_q.permute(2, 0, 1, 3, 4).reshape(q_h, -1, c) @ table_h.transpose(1, 2))
     rel_h = rel_h.reshape(q_h, b * heads, q_w, k_h).permute(1, 0, 2, 3)
     # rel_w[n, y, x, kx] = sum_c r_q[n, y, x, c] * R_w[x, kx, c] (batched over x)
-    rel_w = (r_q.permute(2, 0, 1, 3).reshape(q_w, -1, c) @ table_w.transpose(1, 2))
+    rel_w = (r_q.permute(3, 0, 1, 2, 4).reshape(q_w, -1, c) @ table_w.transpose(1, 2))
     rel_w = rel_w.reshape(q_w, b * heads, q_h, k_w).permute(1, 2, 0, 3)
     shape = (b * heads, q_h, q_w, k_h, k_w)
     if out is not None:
@@ -194,6 +194,7 @@ def _fast_base():
 
         def _block(self, x, w: _BlockWeights, inplace: bool = False):
             """x: (B, H, W, C) residual stream (float32, or the compute dtype when not residual_fp32)."""
+            import torch
             import torch.nn.functional as F
 
             b, height, width, c = x.shape
@@ -217,7 +218,7 @@ def _fast_base():
             y = F.layer_norm(x, (c,), w.norm2[0], w.norm2[1], w.eps2)
             if y.dtype != self.dtype:
                 y = y.to(self.dtype)
-            y = linear(F.gelu(linear(y, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+            y = linear(torch.ops.aten.gelu_(linear(y, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)  # in place: fresh tensor
             return x.add_(y) if inplace else x + y
 
         def _all_blocks(self, x):
