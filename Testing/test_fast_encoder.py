@@ -12,6 +12,7 @@ import torch
 from medsam_slicer.cache import EmbeddingCache, default_budget_bytes
 from medsam_slicer.engine import MedSAMEngine
 from medsam_slicer.fast_encoder import (
+    BIAS_BUDGET_BYTES,
     EncodeInterrupted,
     prepare_encoder,
     rel_pos_bias,
@@ -132,6 +133,9 @@ def test_fp32_fast_encoder_is_exact(tiny_sam, ct_slices):
         x = torch.from_numpy(np.ascontiguousarray(model_input(grey)))
         with torch.inference_mode():
             assert rel_err(fast(x), tiny_sam.image_encoder(x)) < 1e-5
+    # its global block's bias (2 heads x 4096^2 floats, 134 MB) ran one head at a time, in the budget
+    assert fast._heads_per_bias(1, 2, 64 * 64) == 1
+    assert fast._ws_local.buf.numel() * 4 <= BIAS_BUDGET_BYTES
     engine = MedSAMEngine(tiny_sam, "cpu", "fp32")
     check_against_reference(tiny_sam, engine, ct_slices, logit_tol=1e-4)
 
