@@ -7,7 +7,7 @@ product 38 MB, the MLP's hidden layer 50 MB, per block), so every slice faulted 
 anew: ~400,000 minor page faults (1.6 GB zeroed by the kernel) per encoder call, ~10% of it.
 Raising both thresholds lets freed blocks be reused. `medsam-slicer segment` on 3 slices of
 random ViT-B under the AVX2 cap (2-core AMD EPYC Zen 5): 1.6-2.0 million faults -> 0.54 million,
-24.4-26.0 s -> 21.9-22.4 s, peak memory unchanged (2.45-2.50 GB). README "Speed" has the table.
+8-13% less time in each of three benchmark runs, peak memory unchanged (README "Speed").
 
 Process-wide and only on glibc (Linux); set once, when the first CPU engine starts. A process
 that frees a large model keeps up to TRIM_THRESHOLD of free heap mapped (reused by the next
@@ -20,8 +20,7 @@ import os
 import sys
 import threading
 
-# Blocks under this come from the heap (the encoders' largest temporaries are ~50 MB; ViT-B's
-# global-attention workspace, 805 MB, is kept by the encoder anyway).
+# Blocks under this come from the heap (the encoders' largest temporaries are 50-64 MB).
 MMAP_THRESHOLD = 256 << 20
 # Free memory at the top of the heap kept mapped (a slice's temporaries fit in it).
 TRIM_THRESHOLD = 512 << 20
