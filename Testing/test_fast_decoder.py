@@ -9,6 +9,7 @@ import torch
 
 from medsam_slicer.engine import MedSAMEngine
 from medsam_slicer.fast_decoder import FastBoxDecoder
+from medsam_slicer.model import load_model
 from medsam_slicer.windowing import choose_window
 
 # (slice, boxes) on CTChest4 (34 x 128 x 128): right lung, a vertebra, most of the chest, left lung.
@@ -84,7 +85,8 @@ def test_kept_work_follows_the_embedding_it_was_made_for(engine, embeddings):
 def test_engine_decodes_through_the_fast_decoder_only_when_fast(engine, ct_array):
     grey = choose_window(ct_array, window=(1000, -500)).apply(ct_array[17])
     boxes = np.array(SLICES[0][1], float)
-    slow = MedSAMEngine(engine.sam, fast=False, family=engine.family, model_id="slow")
+    net, _, _ = load_model(engine.checkpoint)  # the engine freed its network's own image encoder
+    slow = MedSAMEngine(net, fast=False, family=engine.family, model_id="slow")
     assert engine._fast_decoder is not None and slow._fast_decoder is None
     embedding = engine.encode(grey)
     prob, iou = engine.decode(embedding, boxes, grey.shape)
