@@ -171,11 +171,14 @@ def _fast_base():
         # The tensors above are plain attributes, not registered parameters or buffers, so that
         # `.to()`, `.half()` or `load_state_dict` on this module cannot reach (or alias) anything.
 
+        def _reuses_workspace(self) -> bool:
+            return self.device.type == "cpu" and self.keep_workspace
+
         def _workspace(self, numel: int):
             """A reusable bias buffer (CPU only; CUDA's caching allocator already reuses memory)."""
             import torch
 
-            if self.device.type != "cpu" or not self.keep_workspace:
+            if not self._reuses_workspace():
                 return None
             buf = self._ws_local.__dict__.get("buf")
             if buf is None or buf.numel() < numel:
@@ -212,7 +215,7 @@ def _fast_base():
             """How many heads share one bias buffer: on the CPU as many as fit BIAS_BUDGET_BYTES (a
             global block's bias is 67 MB per head in float32: all 12 heads of ViT-B at once took 805 MB
             of memory); elsewhere all of them."""
-            if self.device.type != "cpu" or not self.keep_workspace:
+            if not self._reuses_workspace():
                 return heads
             per_head = n * tokens * tokens * self.dtype.itemsize
             return max(1, min(heads, BIAS_BUDGET_BYTES // per_head))
