@@ -115,6 +115,7 @@ BAD += [  # stop rules that cannot mean anything (NaN would silently switch a ru
     (GROW + ["--min-appearance", 2], "min_appearance must be between 0 and 1"),
     (GROW + ["--min-score-ratio", -0.5], "min_score_ratio must be between 0 and 1"),
     (GROW + ["--min-stability-ratio", "nan"], "min_stability_ratio must be between 0 and 1, got nan"),
+    (GROW + ["--min-backward-ratio", 1.5], "min_backward_ratio must be between 0 and 1, got 1.5"),
     (GROW + ["--min-score", "nan"], "min_score must be a number"),
     (GROW + ["--max-area-ratio", 1], "max_area_ratio must be above 1"),
 ]
@@ -227,3 +228,4 @@ def test_stop_rule_options_reach_the_rules():
     assert rules("--min-footprint-share", "0.3").min_footprint_share == 0.3
     assert rules("--min-footprint-share", "0").min_footprint_share is None  # 0 is off: any share would carry on
     assert rules("--min-stability-ratio", "0.7").min_stability_ratio == 0.7
+    assert rules("--min-backward-ratio", "0.6").min_backward_ratio == 0.6

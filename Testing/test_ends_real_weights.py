@@ -170,3 +170,28 @@ def test_thin_slices_keep_a_large_organ_from_shrinking_away(abdomen):
     shrunk = dice(propagate_from_slice(predictor, seed, seed_box=mask_bbox(truth[seed])).volume("k", truth.shape), truth)
     assert held >= 0.72, f"Dice {held:.3f} with the memory (measured 0.778)"
     assert shrunk <= held - 0.15, f"Dice {shrunk:.3f} without it, {held:.3f} with it (measured 0.469, 0.778)"
+
+
+def test_mode_a_stops_where_the_slice_before_is_not_redrawn_from_the_new_box(abdomen):
+    """BACKWARD_EVIDENCE: the abdominal MR's gallbladder (its percentile window, as segment picks for
+    MR). Past its upper end the masks slide onto the tissue above, still 58-80% like the seed, scoring
+    0.74-0.89 of it and stable under a looser box, and growth ran 4 slices past the end. Asked with the
+    new mask's box, the slice before no longer gives back its own mask (IoU 0.52 and 0.64 against 0.87
+    on the first grown slice): growth stops there, one slice short of the 3-px end."""
+    from accuracy_eval import ends_vs_truth
+    from medsam_slicer.engine import MedSAMEngine
+    from medsam_slicer.windowing import choose_window
+
+    volume, truths = abdomen["mr"]
+    truth = truths["gallbladder"]
+    engine = MedSAMEngine.load("litemedsam", device="cpu", precision="fp32")
+    predictor = SlicePredictor(engine, volume.array, choose_window(volume.array), "k", EmbeddingCache(256 << 20))
+    seed = median_slice(truth)
+    result = propagate_from_slice(predictor, seed, seed_box=mask_bbox(truth[seed]))
+    _, high = ends_vs_truth(result.volume("k", truth.shape), truth)
+    assert -2 <= high <= 1, f"upper end {high:+d} (measured -1; +4 without the rule): {result.stop_reasons['up']}"
+    assert "were not redrawn on the slice before from their boxes" in result.stop_reasons["up"]
+    off = propagate_from_slice(predictor, seed, seed_box=mask_bbox(truth[seed]), rules=StopRules(min_backward_ratio=None))
+    assert ends_vs_truth(off.volume("k", truth.shape), truth)[1] >= 3
+    with_rule, without = (dice(r.volume("k", truth.shape), truth) for r in (result, off))
+    assert with_rule >= without + 0.1, f"Dice {with_rule:.3f} with the rule, {without:.3f} without (measured 0.763 and 0.620)"

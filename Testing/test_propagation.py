@@ -975,9 +975,10 @@ def test_masks_that_follow_a_looser_box_on_two_slices_in_a_row_stop_growth():
     assert sorted(result.masks) == [4, 5, 6, 7, 8]
     assert result.stop_reasons["up"].startswith("masks unstable under a looser box at slices 8 and 9 (IoU 0.")
     looser = [box for index, box in model.calls if index == 4 and box != (100, 100, 139, 139)]
-    assert looser == [(96.0, 96.0, 143.0, 143.0)]  # 16 px at 1024 scale = 4 px on a 256-px slice
+    # 16 px at 1024 scale = 4 px on a 256-px slice; then slice 5's box asked backwards (BACKWARD_EVIDENCE)
+    assert looser == [(96.0, 96.0, 143.0, 143.0), (97, 97, 142, 142)]
     off = propagate_from_slice(BoxFiller(range(0, 8)), 4, seed_box=(100, 100, 139, 139), direction="up",
-                               keep_largest=False, rules=StopRules(min_stability_ratio=None))
+                               keep_largest=False, rules=StopRules(min_stability_ratio=None, min_backward_ratio=None))
     assert max(off.masks) == 15 and off.stop_reasons["up"] == "volume edge"
 
 
@@ -985,6 +986,45 @@ def test_one_unstable_slice_alone_does_not_stop_growth():
     model = BoxFiller(set(range(0, 16)) - {8})  # one odd slice inside the structure
     result = propagate_from_slice(model, 4, seed_box=(100, 100, 139, 139), direction="up", keep_largest=False)
     assert max(result.masks) == 15 and result.stop_reasons["up"] == "volume edge"
+
+
+class DriftsPastTheEnd:
+    """A 40 x 40 px structure on the slices in `structure` (drawn whenever the box is centred within
+    8 px of it); elsewhere the model draws a 40 x 40 square 6 px right of the box's centre, as a model
+    past a structure's end slides onto a neighbour. Same look, score and size everywhere, and a looser
+    box (same centre) draws the same square, so only asking backwards tells."""
+
+    def __init__(self, structure, n=16):
+        self.n_slices, self.slice_shape = n, (256, 256)
+        self.structure = set(structure)
+
+    def image(self, index):
+        return np.full(self.slice_shape, 200, np.uint8)
+
+    def __call__(self, index, box):
+        cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+        mask = np.zeros(self.slice_shape, bool)
+        if index in self.structure and abs(cx - 119.5) <= 8 and abs(cy - 119.5) <= 8:
+            mask[100:140, 100:140] = True
+        else:
+            x0, y0 = int(round(cx + 6 - 19.5)), int(round(cy - 19.5))
+            mask[y0 : y0 + 40, x0 : x0 + 40] = True
+        return mask, 0.9
+
+
+def test_masks_the_slice_before_does_not_redraw_on_two_slices_in_a_row_stop_growth():
+    """BACKWARD_EVIDENCE: on slice 8 (the first past the end) the square's box still gives the
+    structure on slice 7; from slice 9 on, the previous slice redrawn with the new square's box
+    lands 6 px further (IoU 0.54, under 0.8 of the first grown slice's 1.0). The first such slice
+    is kept, the second dropped; switched off, growth slides on to the volume's edge."""
+    model = DriftsPastTheEnd(range(0, 8))
+    result = propagate_from_slice(model, 4, seed_box=(100, 100, 139, 139), direction="up", keep_largest=False)
+    assert sorted(result.masks) == [4, 5, 6, 7, 8, 9]
+    assert result.stop_reasons["up"].startswith("the masks of slices 9 and 10 were not redrawn on the slice before "
+                                                "from their boxes (IoU 0.5")
+    off = propagate_from_slice(model, 4, seed_box=(100, 100, 139, 139), direction="up", keep_largest=False,
+                               rules=StopRules(min_backward_ratio=None))
+    assert max(off.masks) == 15 and off.stop_reasons["up"] == "volume edge"
 
 
 def test_a_seed_given_as_a_mask_is_prompted_with_the_next_slices_box_for_the_rules_reference():
@@ -997,10 +1037,11 @@ def test_a_seed_given_as_a_mask_is_prompted_with_the_next_slices_box_for_the_rul
     given = propagate_from_slice(model, 4, seed_mask=seed, direction="up", keep_largest=False)
     assert sorted(given.masks) == [4, 5, 6, 7, 8]
     assert given.stop_reasons["up"].startswith("masks unstable under a looser box at slices 8 and 9")
+    # (slice 5's box asked backwards, BACKWARD_EVIDENCE, is the seed's next box: answered once)
     assert [box for index, box in model.calls if index == 4] == [(97, 97, 142, 142), (93.0, 93.0, 146.0, 146.0)]
     assert np.array_equal(given.masks[4], seed)  # the given mask stays as it is
     off = propagate_from_slice(BoxFiller(range(0, 8)), 4, seed_mask=seed, direction="up", keep_largest=False,
-                               rules=StopRules(min_stability_ratio=None, min_score_ratio=None))
+                               rules=StopRules(min_stability_ratio=None, min_score_ratio=None, min_backward_ratio=None))
     assert off.stop_reasons["up"] == "volume edge"  # nothing asks the model about the seed then
 
 

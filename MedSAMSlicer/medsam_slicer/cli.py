@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop rule: where a slice's mask and the mask of a slightly looser box agree (IoU) less "
                           "than F times as well as on the seed slice, on two slices in a row, growth ends "
                           "(default 0.8; 0 switches it off)")
+    seg.add_argument("--min-backward-ratio", type=float, metavar="F",
+                     help="stop rule: the slice grown from is prompted again with the new mask's box; where that mask "
+                          "agrees (IoU) with its own less than F times as well as on the first grown slice, on two "
+                          "slices in a row, growth ends (default 0.8; 0 switches it off)")
     seg.add_argument("--min-footprint-share", type=float, metavar="F",
                      help="where the model's mask moves onto other tissue at a structure's end (under 30%% like the "
                           "seed; a lung's base around the liver's dome), growth goes on inside the previous mask, "

@@ -384,6 +384,13 @@ def _stability(run: _Run, index: int, box, mask: np.ndarray) -> float:
     return mask_iou(mask, other)
 
 
+def _backward(run: _Run, index: int, prev: np.ndarray, new: np.ndarray, margin) -> float:
+    """IoU of slice `index`'s mask `prev` with the model's mask there for the box of `new`, the mask
+    grown from it on the next slice (BACKWARD_EVIDENCE)."""
+    back, _ = run.predict(index, run.next_box(new, margin))
+    return mask_iou(prev, back)
+
+
 def _seed_evidence(run: _Run, rules: StopRules, seed: int, box, mask: np.ndarray, score, margin):
     """(score, stability) of the seed slice that the score-ratio and stability rules compare with;
     None where a rule has nothing to go on (stability needs a real model: a predictor with images).
@@ -419,6 +426,8 @@ def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, 
     look = _appearance(run, rules, start, mask)
     floor = None if seed_stability is None or rules.min_stability_ratio is None else rules.min_stability_ratio * seed_stability
     unstable = False  # was the previous slice under the stability floor?
+    backward = rules.min_backward_ratio is not None and run.image(start) is not None
+    first_back, back_low = None, False  # the first grown slice's backward IoU; was the previous one low?
     other = None  # once the model's masks moved onto other tissue: its grey level (FOOTPRINT_EVIDENCE)
     recent = deque([mask], maxlen=box_memory(run.slice_mm))  # the masks the next box covers
     while True:
@@ -465,6 +474,17 @@ def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, 
                     keep, reason = False, (f"masks unstable under a looser box at slices {index} and {nxt} "
                                            f"(IoU {stability:.2f}, under {rules.min_stability_ratio:g} of the seed's)")
                 unstable = stability < floor
+            if keep and backward and other is None:
+                agreement = _backward(run, index, prev, new, margin)
+                if first_back is None:
+                    first_back = agreement
+                else:
+                    low = agreement < rules.min_backward_ratio * first_back
+                    if low and back_low:
+                        keep, reason = False, (f"the masks of slices {index} and {nxt} were not redrawn on the slice "
+                                               f"before from their boxes (IoU {agreement:.2f}, under "
+                                               f"{rules.min_backward_ratio:g} of the first grown slice's)")
+                    back_low = low
         if keep:
             count += 1
             run.finish(nxt, new)

@@ -72,7 +72,7 @@ def stop_rules(args):
 
     overrides = {}
     for field in ("min_area", "max_area_ratio", "min_score", "max_slices", "min_appearance", "min_score_ratio",
-                  "min_stability_ratio"):
+                  "min_stability_ratio", "min_backward_ratio"):
         value = getattr(args, field, None)
         if value is not None:
             overrides[field] = value
