@@ -9,7 +9,9 @@ from medsam_slicer.models import litemedsam
 from medsam_slicer.segment_command import Job
 from medsam_slicer.session import LocalSession
 from medsam_slicer.slicing import mask_bbox
-from medsam_slicer.window_choice import CANDIDATES, box_fit, evidence_slices, pick_window, seed_of, window_for_job
+from medsam_slicer.window_choice import (CANDIDATES, box_fit, edge_strength, evidence_slices, outline, pick_window, seed_of,
+                                         white_share, window_for_job)
+from medsam_slicer.windowing import from_width_level
 from medsam_slicer.windowing import choose_window
 from test_real_weights import median_slice
 
@@ -76,6 +78,40 @@ def test_box_fit_is_the_iou_of_the_masks_extent_with_the_box():
     assert box_fit(np.zeros((20, 30), bool), (10, 5, 19, 9)) == 0.0
 
 
+def test_the_outline_holds_the_pixels_either_side_of_the_border():
+    mask = np.zeros((8, 9), bool)
+    mask[2:5, 3:7] = True  # 3 x 4 block
+    band = outline(mask)
+    inside = mask & ~band
+    assert inside.sum() == 2 and inside[3, 4] and inside[3, 5]  # only the block's core is not on the border
+    assert band[1, 3:7].all() and band[5, 3:7].all() and band[2:5, 2].all() and band[2:5, 7].all()
+    assert not band[1, 2] and not band[0].any()  # corners diagonal to the block and far pixels are not
+    assert not outline(np.zeros((5, 5), bool)).any() and not outline(np.ones((5, 5), bool)).any()
+
+
+def test_edge_strength_is_high_on_a_real_border_and_low_inside_a_flat_region():
+    image = np.full((40, 40), 40.0)  # soft tissue ...
+    image[10:30, 10:30] = 700.0  # ... around a bone block
+    on_border = np.zeros_like(image, bool)
+    on_border[10:30, 10:30] = True
+    inside = np.zeros_like(image, bool)
+    inside[14:26, 14:26] = True  # a mask drawn inside the block: its outline crosses no edge
+    assert edge_strength(image, on_border) > 100 > edge_strength(image, inside) == 0.0
+    streak = image.copy()
+    streak[10:30, 10:30] = 30000.0  # metal: clipped to dense bone, so it cannot swamp other edges
+    assert edge_strength(streak, on_border) == pytest.approx(edge_strength(np.where(image > 100, 1500.0, image), on_border))
+    assert edge_strength(image, np.zeros_like(on_border)) == 0.0
+
+
+def test_white_share_counts_the_mask_pixels_the_window_draws_flat_white():
+    image = np.array([[-800.0, 0.0], [200.0, 900.0]])
+    mask = np.ones((2, 2), bool)
+    assert white_share(image, mask, from_width_level(400, 40)) == 0.25  # top 240 HU: only 900 is white
+    assert white_share(image, mask, from_width_level(80, 40)) == 0.5  # top 80 HU: 200 and 900
+    assert white_share(image, mask, from_width_level(1800, 400)) == 0.0  # a bone window shows them all
+    assert white_share(image, np.zeros((2, 2), bool), from_width_level(80, 40)) == 0.0
+
+
 def test_models_without_measured_scores_and_non_ct_data_keep_the_default(tiny_engine, lite_engine, ct_array):
     default = choose_window(ct_array)
     job = Job("x", "propagate", (40, 40, 80, 80), 17, 17)
@@ -127,11 +163,17 @@ def test_each_window_is_scored_on_the_seed_and_its_neighbours(tiny_engine, ct_ar
     box = (40, 40, 80, 80)
     window, evidence = pick_window(session, "k", 17, box)
     assert set(asked) == set(evidence) and all(set(per) == {16, 17, 18} for per in asked.values())
-    for name, per in asked.items():  # the mean of its three scores times the seed mask's box fit
-        fit = box_fit(per[17][0], box)
+    raw = {}
+    for name, per in asked.items():  # mean of three scores x the seed mask's box fit, edge and unclipped share
+        seed = per[17][0]
+        fit = box_fit(seed, box)
         assert 0 < fit <= 1
-        assert evidence[name] == pytest.approx(np.mean([score for _, score in per.values()]) * fit)
-    assert evidence[window.name] == max(evidence.values())
+        width, level = (float(v) for v in name.split("/"))
+        unclipped = 1 - white_share(ct_array[17], seed, from_width_level(width, level))
+        raw[name] = np.mean([score for _, score in per.values()]) * fit * edge_strength(ct_array[17], seed) * unclipped
+    for name, value in raw.items():  # shown relative to the pick's
+        assert evidence[name] == pytest.approx(value / max(raw.values()))
+    assert evidence[window.name] == 1.0 == max(evidence.values())
     asked.clear()
     pick_window(session, "k", 0, (40, 40, 80, 80))  # at the volume's edge: the seed and its one neighbour
     assert all(set(per) == {0, 1} for per in asked.values())
