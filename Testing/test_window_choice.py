@@ -69,6 +69,25 @@ def test_on_a_lung_base_the_pick_draws_the_crescent_not_the_dome_the_box_holds(l
     session.close()
 
 
+def test_on_bone_the_pick_follows_the_bone_not_a_blob_drawn_over_it(lite_engine, ct_array, expert_masks):
+    # The sample's lumbar column on its median slice. Under 80/40 the model draws one blob over the
+    # vertebra, scored and fitting the box well but mostly flat white (slice Dice ~0.69); score x fit
+    # picked it. The edge under the outline and the unclipped share send the pick to a bone window
+    # (~0.92) (EDGE_EVIDENCE, WHITE_EVIDENCE).
+    column = expert_masks["lumbar vertebral column"]
+    k = median_slice(column)
+    box = mask_bbox(column[k])
+    session = LocalSession(lite_engine, ct_array, choose_window(ct_array))
+    window, evidence = pick_window(session, "k", k, box)
+    picked, _ = session.segment_slice("k", k, box)
+    assert dice(picked, column[k]) >= 0.85, (window.name, evidence)
+    assert white_share(ct_array[k], picked, window) < 0.05, window.name
+    session.set_window(from_width_level(80, 40))
+    blob, _ = session.segment_slice("k", k, box)
+    assert dice(blob, column[k]) < dice(picked, column[k]) - 0.1 and white_share(ct_array[k], blob, session.window) > 0.5
+    session.close()
+
+
 def test_box_fit_is_the_iou_of_the_masks_extent_with_the_box():
     mask = np.zeros((20, 30), bool)
     mask[5:10, 10:20] = True  # extent x 10-19, y 5-9: 50 px
