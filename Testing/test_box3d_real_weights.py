@@ -153,3 +153,14 @@ def test_mode_b_holds_the_official_baseline_on_the_abdominal_ct_stomach(abdomen,
     assert value >= 0.8, f"slice {last}: Dice {value:.2f} (measured 0.88; the extent's swap gave 0.00)"
     assert result.masks[5].sum() < 2 * truth[5].sum(), "slice 5 took the extent's 518-px mask (the stomach: 130 px)"
     assert b >= base - 0.005, f"mode b {b:.3f} under the official baseline's {base:.3f} (measured 0.770 both)"
+
+
+def test_mode_b_gives_a_tie_between_its_chains_to_the_baselines(abdomen, engine):
+    """CHAIN_TIE_EVIDENCE: the abdominal CT's stomach under 1800/400 (the window the model picks for
+    it). Below the middle slice both chains run onto other tissue; the recovering one, with larger
+    wrong masks, scored 0.781 against the plain chain's 0.776 and was kept: mode b 0.451 against the
+    baseline's 0.497. A lead that small is no preference: the plain chain stands."""
+    volume, organs = abdomen["ct"]
+    predictor = SlicePredictor(engine, volume.array, from_width_level(1800, 400, "1800/400"), "k", EmbeddingCache(256 << 20))
+    _, b, base = _mode_b_and_baseline(predictor, organs["stomach"])
+    assert b >= base - 0.005, f"mode b {b:.3f} under the official baseline's {base:.3f} (measured 0.497 both)"

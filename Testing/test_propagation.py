@@ -626,6 +626,22 @@ def test_mode_b_keeps_the_plain_chain_where_the_model_is_surer_of_it():
     assert all(np.array_equal(plain.masks[k], result.masks[k]) for k in range(9))
 
 
+def test_a_near_tie_between_the_chains_goes_to_the_plain_one():
+    """CHAIN_TIE_EVIDENCE: the recovering chain must be surer by more than CHAIN_TIE to be kept."""
+    from medsam_slicer.propagation import CHAIN_TIE, _Chain, _surer
+
+    start = np.zeros((4, 4), bool)
+    recovering, plain = _Chain(start), _Chain(start)
+    for k in range(3):
+        recovering.add(k, np.ones((4, 4), bool), 0.80)
+        plain.add(k, start.copy(), 0.80 - CHAIN_TIE / 2)
+    assert _surer(plain, recovering)  # within the tie: the plain chain
+    plain.scores = {k: 0.80 - 2 * CHAIN_TIE for k in range(3)}
+    assert not _surer(plain, recovering)  # a clear lead keeps the recovering chain
+    plain.masks = dict(recovering.masks)
+    assert not _surer(plain, recovering)  # no slice differs: nothing to change
+
+
 def test_mode_b_empty_mask_falls_back_to_box_extent():
     truth = sphere()
     roi = mask_bbox(truth.any(axis=0))
