@@ -78,6 +78,18 @@ def cropped_label_map(ct_path, masks, values, path):
     sitk.WriteImage(sitk.RegionOfInterest(image, [b - a + 1 for a, b in zip(lo, hi)], lo), path)
 
 
+def test_a_label_handed_over_inside_a_slice_counts_as_abutting_and_organ_ends_stay_free(expert_masks):
+    from accuracy_eval import structure_notes
+
+    notes = {name: structure_notes(name, truth, expert_masks)["ends"] for name, truth in expert_masks.items()}
+    # the cervical column's lowest slice holds 5 px; the thoracic label has already taken over there
+    assert notes["cervical vertebral column"] == {"low": "abuts thoracic vertebral column", "high": "edge"}
+    assert notes["thoracic vertebral column"] == {"low": "abuts lumbar vertebral column",
+                                                  "high": "abuts cervical vertebral column"}
+    # the lungs end above the liver, which is not labelled: free, so the end goal judges them
+    assert notes["right lung"]["low"] == notes["left lung"]["low"] == "free"
+
+
 def test_own_volume_and_label_map_give_the_built_in_case_numbers(tmp_path, ct_path, expert_masks):
     from accuracy_eval import main
 

@@ -217,9 +217,12 @@ def structure_notes(name: str, truth: np.ndarray, others: Dict[str, np.ndarray])
 
     pieces: on the median slice, the largest 2D piece holds under half the structure's pixels (the
         ribs: one box around a ring of ribs is no prompt for a box-prompted model).
-    ends: per end, "edge" (the truth reaches the volume's edge), "abuts X" (on the slice beyond the
-        end, labelled structure X covers at least half of the end slice's mask, and X does not
-        surround the structure: the vertebral columns split by level), or "free".
+    ends: per end, "edge" (the truth reaches the volume's edge), "abuts X" (labelled structure X
+        takes over where the structure ends, and does not surround it: the vertebral columns split
+        by level), or "free". X takes over if it covers at least half of the end slice's mask on
+        the slice beyond, or already on the end slice covers half of the slice before's: a label
+        boundary drawn inside a slice leaves a few-pixel end slice (the cervical column's last
+        slice holds 5 px; the thoracic column's label covers 103 of the 155 px before it).
     """
     mid = median_slice(truth)
     labels, count = ndimage.label(truth[mid], structure=np.ones((3, 3)))
@@ -229,13 +232,15 @@ def structure_notes(name: str, truth: np.ndarray, others: Dict[str, np.ndarray])
     n = truth.shape[0]
     (bx0, by0, bx1, by1), _ = box3d(truth)
     ends = {}
-    for end, index, beyond in (("low", first, first - 1), ("high", last, last + 1)):
+    for end, index, beyond, inner in (("low", first, first - 1, first + 1), ("high", last, last + 1, last - 1)):
         if not 0 <= beyond < n:
             ends[end] = "edge"
             continue
         ends[end] = "free"
+        # (slice of the structure, slice of X): the end and beyond, or the one before the end and the end
+        pairs = [(index, beyond)] + ([(inner, index)] if first <= inner <= last else [])
         for other_name, other in others.items():
-            if other_name == name or (other[beyond] & truth[index]).sum() < 0.5 * truth[index].sum():
+            if other_name == name or not any((other[b] & truth[a]).sum() >= 0.5 * truth[a].sum() for a, b in pairs):
                 continue
             (ox0, oy0, ox1, oy1), (ofirst, olast) = box3d(other)
             surrounds = ox0 <= bx0 and oy0 <= by0 and ox1 >= bx1 and oy1 >= by1 and ofirst <= first and olast >= last
