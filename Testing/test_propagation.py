@@ -1069,3 +1069,48 @@ def test_box_memory_spans_3_mm_of_slices():
     assert [box_memory(mm) for mm in (None, 10.0, 5.0, 3.0, 2.0, 1.25, 1.0, 0.625)] == [1, 1, 1, 1, 2, 2, 3, 5]
     assert [slice_distance((0.7, 0.8, 2.5), axis) for axis in ("i", "j", "k")] == [0.7, 0.8, 2.5]
     assert slice_distance(None, "k") is None and slice_distance((1.0, 1.0, 0.0), "k") is None
+
+
+def _protected_by(label):
+    return lambda index: label[index]
+
+
+def test_growth_that_ran_into_a_protected_neighbour_ends_there_and_touching_it_does_not_stop():
+    """PROTECTED_EVIDENCE on the CT sample's expert labels: a cervical column grown on down the spine
+    (the thoracic column's slices, as a model does past the label's end) ends on the first slice
+    that lies mostly in the thoracic label the user protects; the other direction, and slices that
+    only touch a protected neighbour, stay."""
+    from scipy import ndimage
+
+    from medsam_slicer.propagation import stop_at_protected
+
+    labels = expert_segments()
+    cervical, thoracic = labels["cervical vertebral column"], labels["thoracic vertebral column"]
+    leaked = PropagationResult(masks={k: cervical[k] | thoracic[k] for k in range(11, 34)},
+                               stop_reasons={"up": "volume edge", "down": "volume edge"})
+    ended = stop_at_protected(leaked, 30, _protected_by(thoracic))
+    # slice 26 holds 5 cervical px and the thoracic label's 156: dropped with everything below
+    assert ended.indices == list(range(27, 34))
+    assert ended.stop_reasons == {"up": "volume edge", "down": "ran into the protected area at slice 26 (97% of its mask)"}
+    assert all(ended.masks[k] is leaked.masks[k] for k in ended.indices)
+    # a lung drawn a pixel (3 mm) over its border touches the protected soft tissue on every slice
+    # (8-35% of the mask on slices 8-11): nothing stops but its 2-px tip, 75% tissue when drawn so
+    lung = {k: ndimage.binary_dilation(labels["right lung"][k]) for k in range(7, 34)}
+    touching = PropagationResult(masks=lung, stop_reasons={"up": "volume edge", "down": "empty mask at slice 6"})
+    kept = stop_at_protected(touching, 20, _protected_by(labels["tissue"]))
+    assert kept.indices == list(range(8, 34))
+    assert kept.stop_reasons == {"up": "volume edge", "down": "ran into the protected area at slice 7 (75% of its mask)"}
+
+
+def test_a_protected_area_leaves_the_start_and_unchanged_directions_alone():
+    from medsam_slicer.propagation import ProtectedStop, stop_at_protected
+
+    everywhere = np.ones((34, 128, 128), bool)
+    masks = {k: np.ones((128, 128), bool) for k in range(10, 20)}
+    result = PropagationResult(masks=masks, stop_reasons={"up": "volume edge", "down": "unchanged"})
+    ended = stop_at_protected(result, 15, _protected_by(everywhere))
+    assert ended.indices == list(range(10, 16))  # the corrected slice and the kept side stay
+    assert ended.stop_reasons["down"] == "unchanged" and "slice 16" in ended.stop_reasons["up"]
+    # streamed in any order within a direction: once a slice ran into it, slices beyond are refused
+    guard = ProtectedStop(15, lambda k: everywhere[k] if k >= 17 else None)
+    assert [guard.allows(k, masks[k]) for k in (16, 17, 18, 16, 14, 15)] == [True, False, False, True, True, True]

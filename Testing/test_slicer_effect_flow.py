@@ -613,6 +613,33 @@ def test_key_slices_roi_and_repropagate(editor, runner, oracle):
     assert slices_of(editor.get("s")) == slices_of(TRUTH)
 
 
+def test_growth_stops_where_the_editable_area_protects_a_neighbour(editor, runner, oracle):
+    """The structure continues into segment "t" (drawn first, on its lower slices): with the editor's
+    editable area "outside all segments", growth ends there and never writes beyond it, streamed or
+    final; a re-propagation into it stops the same way. Under "everywhere" it grows through."""
+    below = TRUTH & (np.arange(SHAPE[0]) <= 12)[:, None, None]
+    editor.fill("t", below)
+    editor.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    runner.draw_box(editor.view, *editor.drag(BOX))
+    finish(runner)
+    action = runner.propagate(editor.view, "both")
+    finish(runner)
+    assert slices_of(editor.get("s")) == list(range(13, 25))
+    assert min(action.written) == 13  # slices in "t" were never streamed to the segment
+    assert "ran into the protected area at slice 12" in editor.last_status()
+    assert np.array_equal(editor.get("t"), below)
+    editor.view = editor.slice_node("Axial", 14)
+    assert runner.repropagate(editor.view) is not None
+    finish(runner)
+    assert slices_of(editor.get("s")) == list(range(13, 25))
+    assert "ran into the protected area at slice 12" in editor.last_status()
+    editor.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+    editor.view = editor.slice_node("Axial", SEED)
+    runner.propagate(editor.view, "both")
+    finish(runner)
+    assert slices_of(editor.get("s")) == slices_of(TRUTH)
+
+
 def test_requests_while_busy_are_refused_with_a_message(editor, runner, oracle):
     oracle.gate = Gate()
     runner.draw_box(editor.view, *editor.drag(BOX))

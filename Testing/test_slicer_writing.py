@@ -194,6 +194,28 @@ def test_editable_area(editor, axis, mode):
     assert np.array_equal(writing.image_to_array(editor.volume.GetImageData()), editor.voxels_before)
 
 
+@pytest.mark.parametrize("mode", sorted(MASK_MODES))
+def test_protected_area_is_where_the_editor_writes_nothing(editor, mode):
+    """writing.protected_area (where growth stops) against the editor itself: a whole slice added to
+    the target lands everywhere but there."""
+    axis, s = "k", 6
+    setup_segments(editor, axis, s)
+    editor.fill("target", _blank())  # (what the target holds is always editable, and would land anyway)
+    editor.node.SetMaskMode(MASK_MODES[mode])
+    if mode == "inside_single":
+        editor.node.SetMaskSegmentID("other2")
+    protected = writing.protected_area(editor.node, editor.source)
+    editor.logic.SaveStateForUndo()
+    modify = writing.logic_modifier(editor.logic, editor.seg, "target")
+    writing.write_slices(modify, editor.source, {s: np.ones(_slice_shape(axis), bool)}, axis, replace=False)
+    landed = editor.get("target")[_sel(axis, s)]
+    if mode == "everywhere":
+        assert protected is None and landed.all()
+    else:
+        assert protected.shape == _blank().shape and not landed.all()
+        assert np.array_equal(protected[_sel(axis, s)], ~landed)
+
+
 @pytest.mark.parametrize("overwrite", ["all", "visible", "none"])
 def test_overwrite_other_segments(editor, overwrite):
     axis, s = "k", 7

@@ -14,6 +14,9 @@ map; --tumours names the structures that the tumour-end goal counts). Per labell
   2D jit   the same with boxes jittered as in MedSAM's training (each side moved outward by a
            random 0-20 px at 1024 scale, fixed seed);
   a        grow from one tight box on the median slice (`propagate_from_slice`, default rules);
+           also ended where it runs into the other labels that do not surround it
+           (`stop_at_protected`): the Slicer effect's growth once those are contoured and the
+           editor's editable area protects them (summary line only);
   b        the truth's 3D bounding box (`segment_box3d`);
   c        tight boxes on key slices every N slices plus the last (`segment_key_slices`);
   base     the official LiteMedSAM 3D inference (`MedSAM_infer_npz_3D`), re-implemented here as
@@ -59,7 +62,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "MedSAMSlicer"))
 
 from medsam_slicer.cache import EmbeddingCache  # noqa: E402
 from medsam_slicer.predictor import SlicePredictor  # noqa: E402
-from medsam_slicer.propagation import propagate_from_slice, segment_box3d, segment_key_slices  # noqa: E402
+from medsam_slicer.propagation import (propagate_from_slice, segment_box3d, segment_key_slices,  # noqa: E402
+                                       stop_at_protected)
 from medsam_slicer.slicing import mask_bbox  # noqa: E402
 from medsam_slicer.windowing import CT_PRESETS, choose_window, from_width_level, looks_like_hounsfield  # noqa: E402
 
@@ -230,7 +234,6 @@ def structure_notes(name: str, truth: np.ndarray, others: Dict[str, np.ndarray])
     pieces = bool(count > 1 and sizes.max() < 0.5 * truth[mid].sum())
     first, last = extent(truth)
     n = truth.shape[0]
-    (bx0, by0, bx1, by1), _ = box3d(truth)
     ends = {}
     for end, index, beyond, inner in (("low", first, first - 1, first + 1), ("high", last, last + 1, last - 1)):
         if not 0 <= beyond < n:
@@ -242,12 +245,24 @@ def structure_notes(name: str, truth: np.ndarray, others: Dict[str, np.ndarray])
         for other_name, other in others.items():
             if other_name == name or not any((other[b] & truth[a]).sum() >= 0.5 * truth[a].sum() for a, b in pairs):
                 continue
-            (ox0, oy0, ox1, oy1), (ofirst, olast) = box3d(other)
-            surrounds = ox0 <= bx0 and oy0 <= by0 and ox1 >= bx1 and oy1 >= by1 and ofirst <= first and olast >= last
-            if not surrounds:
+            if not surrounds(other, truth):
                 ends[end] = f"abuts {other_name}"
                 break
     return {"pieces": pieces, "pieces_on_median_slice": int(count), "ends": ends}
+
+
+def surrounds(other: np.ndarray, truth: np.ndarray) -> bool:
+    """Does `other`'s 3D bounding box hold `truth`'s (the body outline around an organ)?"""
+    (ox0, oy0, ox1, oy1), (ofirst, olast) = box3d(other)
+    (bx0, by0, bx1, by1), (first, last) = box3d(truth)
+    return ox0 <= bx0 and oy0 <= by0 and ox1 >= bx1 and oy1 >= by1 and ofirst <= first and olast >= last
+
+
+def neighbours(name: str, truths: Dict[str, np.ndarray]) -> Optional[np.ndarray]:
+    """The other labels that do not surround the structure, as one mask: what the Slicer effect's
+    editable area "outside all segments" protects once they are contoured (None: there are none)."""
+    others = [t for n, t in truths.items() if n != name and t.any() and not surrounds(t, truths[name])]
+    return np.logical_or.reduce(others) if others else None
 
 
 def ends_vs_truth(pred: np.ndarray, truth: np.ndarray) -> Tuple[Optional[int], Optional[int]]:
@@ -258,7 +273,8 @@ def ends_vs_truth(pred: np.ndarray, truth: np.ndarray) -> Tuple[Optional[int], O
     return et[0] - ep[0], ep[1] - et[1]
 
 
-def evaluate(predictor, name: str, truth: np.ndarray, spacing_kji, model: str, key_every: int, rng_seed: int = 0) -> dict:
+def evaluate(predictor, name: str, truth: np.ndarray, spacing_kji, model: str, key_every: int, rng_seed: int = 0,
+             protected: Optional[np.ndarray] = None) -> dict:
     shape = truth.shape
     row: Dict[str, object] = {"structure": name, "slices": int(truth.any(axis=(1, 2)).sum())}
     present = [k for k in range(shape[0]) if truth[k].any()]
@@ -291,6 +307,9 @@ def evaluate(predictor, name: str, truth: np.ndarray, spacing_kji, model: str, k
     result = propagate_from_slice(predictor, mid, seed_box=mask_bbox(truth[mid]))
     record("a", result.volume("k", shape), result)
     row["seconds_a"] = time.time() - t0
+    if protected is not None:  # mode a with the other labels contoured and protected (PROTECTED_EVIDENCE)
+        result = stop_at_protected(result, mid, lambda k: protected[k])
+        record("a_protected", result.volume("k", shape), result)
     box2d, (first, last) = box3d(truth)
     result = segment_box3d(predictor, box2d, first, last)
     record("b", result.volume("k", shape), result)
@@ -439,6 +458,15 @@ def summarise(rows: List[dict]) -> List[str]:
         lines.append(f"mean 3D Dice over {len(whole)} one-piece structures: a {a:.3f}, b {b:.3f}, c {c:.3f}, baseline {base:.3f}")
         worse = [r["structure"] for r in whole if r["dice_b"] < r["dice_base"] - 0.005]
         lines.append("mode b below the official baseline on: " + (", ".join(worse) if worse else "none"))
+        guarded = [r for r in whole if "dice_a_protected" in r]
+        if guarded:
+            changed = [f"{r['structure']} {r['dice_a']:.3f} -> {r['dice_a_protected']:.3f} "
+                       f"(ends {fmt_end(r['ends_a'][0], '')}, {fmt_end(r['ends_a'][1], '')} -> "
+                       f"{fmt_end(r['ends_a_protected'][0], '')}, {fmt_end(r['ends_a_protected'][1], '')})"
+                       for r in guarded if r["ends_a_protected"] != r["ends_a"]]
+            before, after = (float(np.mean([r[k] for r in guarded])) for k in ("dice_a", "dice_a_protected"))
+            lines.append(f"mode a with the other labels protected, over {len(guarded)}: {before:.3f} -> {after:.3f}; "
+                         "changed: " + ("; ".join(changed) if changed else "none"))
     return lines
 
 
@@ -519,7 +547,8 @@ def main(argv=None) -> int:
                 picked, _ = pick_window(session, "k", mid, mask_bbox(truth[mid]))
                 predictor = SlicePredictor(engine, volume.array, picked, "k", cache, slice_mm=spacing_kji[0])
                 print(f"  {name}: window {picked.name} picked by the model on slice {mid}", file=sys.stderr)
-            row = evaluate(predictor, name, truth, spacing_kji, args.model, args.key_every)
+            row = evaluate(predictor, name, truth, spacing_kji, args.model, args.key_every,
+                           protected=neighbours(name, truths))
             row["case"] = case
             row["dataset"] = "tumours" if dataset == "files" and name in tumours else dataset
             row["window"] = predictor.window.name

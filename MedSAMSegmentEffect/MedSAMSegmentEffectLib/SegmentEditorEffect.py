@@ -201,7 +201,9 @@ only</i>) shows the result without writing it; <b>Enter</b> accepts a preview. <
 a running job or a preview (Esc leaves the effect, which stops a running job too).<br>
 3D: <b>u</b> / <b>j</b> / <b>p</b> propagate up / down / both from the current slice; key slices: draw boxes
 on several slices with <i>Key slices</i> on, then <b>k</b> (Interpolate); <i>Segment in ROI</i> uses a markups ROI.
-After correcting a slice by hand, <i>Re-propagate</i> recomputes the slices beyond it.<br>
+After correcting a slice by hand, <i>Re-propagate</i> recomputes the slices beyond it. Growth stops where it
+runs into segments the editable area protects (e.g. <i>Outside all segments</i>): contour a neighbour first
+(the next vertebra, an adjacent organ) and growth ends at it instead of running on through it.<br>
 <i>Intensity</i>: <i>Automatic</i> (the default) lets LiteMedSAM pick the CT window for each segment from its
 first box (lungs get a lung window, bone a bone window) and keeps it for that segment; MR gets percentiles.
 The status line says which window was used.<br>

@@ -235,6 +235,10 @@ class ActionRunner:
         segmentation_node, segment_id = self.target()
         return writing.segment_slices(segmentation_node, segment_id, self.host.source_image(), axis, indices)
 
+    def protected_area(self):
+        """Where the editor's editable area lets nothing be written (growth stops there), or None."""
+        return writing.protected_area(self.host.editor_node(), self.host.source_image())
+
     # ------------------------------------------------------------------ requests
 
     def draw_box(self, slice_node, xy0, xy1, preview: bool = False, key_slice: bool = False, view=None):
@@ -278,7 +282,7 @@ class ActionRunner:
             direction = "down" if direction == "up" else "up"
         action = Action("propagate", axis, f"propagating from slice {index}")
         return self.submit(jobs.volume_job, action, "propagate", axis, (index, seed_box, seed_mask, direction),
-                           max_slices, dict(self.rule_overrides))
+                           max_slices, dict(self.rule_overrides), self.protected_area())
 
     def repropagate(self, slice_node, max_slices: int = 0):
         """After a slice was corrected by hand: recompute the slices beyond it, away from the seed."""
@@ -296,7 +300,7 @@ class ActionRunner:
         seed = self.last_seed[1] if self.last_seed and self.last_seed[0] == axis else index
         action = Action("repropagate", axis, f"re-propagating from slice {index}")
         return self.submit(jobs.volume_job, action, "repropagate", axis, (masks, index, corrected, seed), max_slices,
-                           dict(self.rule_overrides))
+                           dict(self.rule_overrides), self.protected_area())
 
     def interpolate(self, slice_node):
         """Every slice between the key slices of the view's axis."""

@@ -199,18 +199,34 @@ def stop_rules(max_slices, overrides=None):
     return StopRules(**options)
 
 
-def volume_job(job, holder, provider, key, volume, spec, kind, axis, args, max_slices=0, rule_overrides=None):
+def volume_job(job, holder, provider, key, volume, spec, kind, axis, args, max_slices=0, rule_overrides=None,
+               protected=None):
     """The 3D modes; every finished slice is reported as ("slice", index, mask, done, total).
 
     kind / args: "propagate" (seed_index, seed_box, seed_mask, direction), "box3d" (box2d, first,
     last), "keys" ({index: box},), "repropagate" (masks, corrected_index, corrected_mask, seed_index).
+    protected: bool [k, j, i] where the editor lets nothing be written (writing.protected_area), or
+    None; open-ended growth ends where it runs into it, and slices beyond are never reported
+    (medsam_slicer.propagation.stop_at_protected).
     """
+    from medsam_slicer.propagation import ProtectedStop, stop_at_protected
+    from medsam_slicer.slicing import get_slice
+
     session, window, note = holder.get(provider, key, volume, spec, status=_status(job), axis=axis,
                                        cancel=getattr(job, "cancel_event", None),
                                        seed=job_seed(kind, args))
+    guard, area, start = None, None, None
+    if protected is not None and kind in ("propagate", "repropagate"):
+        start = args[0] if kind == "propagate" else args[1]
+
+        def area(index):
+            return get_slice(protected, axis, index)
+
+        guard = ProtectedStop(start, area)
 
     def progress(index, mask, done, total):
-        job.report((SLICE, int(index), mask, int(done), int(total)))
+        if guard is None or guard.allows(index, mask):
+            job.report((SLICE, int(index), mask, int(done), int(total)))
 
     common = dict(progress=progress, cancel=job.cancel_event)
     if kind == "propagate":
@@ -229,6 +245,8 @@ def volume_job(job, holder, provider, key, volume, spec, kind, axis, args, max_s
                                      rules=stop_rules(max_slices, rule_overrides), **common)
     else:
         raise ValueError(f"unknown job kind {kind!r}")
+    if guard is not None:
+        result = stop_at_protected(result, start, area)
     return {"masks": dict(result.masks), "stop_reasons": dict(result.stop_reasons), "cancelled": bool(result.cancelled),
             "window": window, "window_note": note}
 

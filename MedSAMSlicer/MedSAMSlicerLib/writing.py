@@ -220,3 +220,23 @@ def segment_slices(segmentation_node, segment_id: str, reference_image, axis: st
         other_dims = tuple(d for d in range(3) if d != slicing.array_dim(axis))
         indices = np.flatnonzero(volume.any(axis=other_dims))
     return {int(i): slicing.get_slice(volume, axis, int(i)).copy() for i in indices}
+
+
+def protected_area(editor_node, reference_image) -> Optional[np.ndarray]:
+    """Where the editor's editable area (mask mode) lets nothing be written into the selected segment,
+    as a bool [k, j, i] array on the reference image's grid; None where that is nowhere (the default
+    "Everywhere"). Growth stops where it runs into it (medsam_slicer.propagation.stop_at_protected).
+    Only the segments decide it: the editable intensity range trims a structure's own darker or
+    brighter voxels, which says nothing about where the structure ends."""
+    import slicer
+
+    segmentation_node = editor_node.GetSegmentationNode() if editor_node is not None else None
+    if segmentation_node is None or editor_node.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere:
+        return None
+    mask = slicer.vtkOrientedImageData()
+    if not segmentation_node.GenerateEditMask(mask, editor_node.GetMaskMode(), reference_image,
+                                              editor_node.GetSelectedSegmentID() or "",
+                                              editor_node.GetMaskSegmentID() or ""):
+        raise ValueError("the Segment Editor's editable area could not be computed")
+    protected = image_to_array(mask) > 0
+    return protected if protected.any() else None
