@@ -1114,3 +1114,26 @@ def test_a_protected_area_leaves_the_start_and_unchanged_directions_alone():
     # streamed in any order within a direction: once a slice ran into it, slices beyond are refused
     guard = ProtectedStop(15, lambda k: everywhere[k] if k >= 17 else None)
     assert [guard.allows(k, masks[k]) for k in (16, 17, 18, 16, 14, 15)] == [True, False, False, True, True, True]
+
+
+def test_growth_given_a_protected_area_ends_there_without_asking_about_slices_beyond():
+    """The engine's own stop (the Slicer effect's local path): the same slices and reasons as ending a
+    finished growth there (stop_at_protected), and no slice beyond the stop is asked about."""
+    from medsam_slicer.propagation import stop_at_protected
+
+    labels = expert_segments()
+    spine = labels["cervical vertebral column"] | labels["thoracic vertebral column"]  # a model that follows the bone
+    thoracic = _protected_by(labels["thoracic vertebral column"])
+    box = mask_bbox(labels["cervical vertebral column"][30])
+    for grow, args in ((propagate_from_slice, (30,)), (repropagate, ({}, 30, spine[30], 33))):
+        oracle = Oracle(spine)
+        kwargs = {"seed_box": box} if grow is propagate_from_slice else {}
+        ended = grow(oracle, *args, **kwargs, protected=thoracic)
+        assert min(ended.indices) == 27
+        assert ended.stop_reasons["down"].startswith("ran into the protected area at slice 26 (")
+        assert min(index for index, _ in oracle.requests) == 26
+        full = grow(Oracle(spine), *args, **kwargs)
+        assert min(full.indices) < 20  # (unprotected, it grows on down the spine)
+        after = stop_at_protected(full, 30, thoracic)
+        assert after.indices == ended.indices and after.stop_reasons == ended.stop_reasons
+        assert all(np.array_equal(after.masks[k], ended.masks[k]) for k in ended.indices)

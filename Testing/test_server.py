@@ -187,6 +187,27 @@ def test_propagate_matches_local_and_streams_progress(remote, local):
     assert all(np.array_equal(m1, m2) for (_, m1, _, _), (_, m2, _, _) in zip(got, expected))
 
 
+def test_a_protected_area_ends_growth_as_locally_and_nothing_beyond_is_shown(remote, local):
+    """`protected` stays on the client (RemoteSession._guarded): the server grows on, the client
+    ends the result and the stream where the local engine stops."""
+    def below_4(index):  # everything on slices 0..3 is protected
+        return np.ones((128, 128), bool) if index <= 3 else None
+
+    rules = StopRules(max_slices=3, min_area=1, max_area_ratio=1e9, check_centroid=False)
+    seen = []
+    a = remote.propagate("k", 5, seed_box=BOX, direction="down", rules=rules, protected=below_4,
+                         progress=lambda i, m, d, t: seen.append(i))
+    b = local.propagate("k", 5, seed_box=BOX, direction="down", rules=rules, protected=below_4)
+    assert_same_result(a, b)
+    assert a.indices == [4, 5] and a.stop_reasons["down"] == "ran into the protected area at slice 3 (100% of its mask)"
+    assert min(seen) == 4
+    first = local.propagate("k", 5, seed_box=BOX, direction="up", rules=rules)
+    a = remote.repropagate("k", first, 5, first.masks[5], 8, rules=rules, protected=below_4)
+    b = local.repropagate("k", first, 5, first.masks[5], 8, rules=rules, protected=below_4)
+    assert_same_result(a, b)
+    assert min(a.indices) == 4
+
+
 def test_propagate_from_mask_matches_local(remote, local):
     seed, _ = local.segment_slice("k", 5, BOX)
     a = remote.propagate("k", 5, seed_mask=seed, direction="up", rules=StopRules(max_slices=1), margin=(3, 5))

@@ -43,9 +43,10 @@ def test_each_route_takes_exactly_its_functions_options_with_no_default_of_its_o
     assert set(model.model_fields) == set(options) | ROUTE_FIELDS[route] | PLUMBING
     for name in options:  # left out, an option must take the engine's default, not a copy of it
         assert model.model_fields[name].default is None, (route, name)
-    # every keyword option of the function but progress/cancel travels
+    # every keyword option of the function but progress/cancel travels (and `protected`, a callable
+    # the client applies itself: RemoteSession._guarded)
     keywords = {n for n, p in params.items() if p.default is not inspect.Parameter.empty}
-    assert keywords - set(options) <= {"progress", "cancel", "seed_box", "seed_mask"}, route
+    assert keywords - set(options) <= {"progress", "cancel", "seed_box", "seed_mask", "protected"}, route
 
 
 def test_key_slices_default_combine_is_the_engines():

@@ -206,33 +206,27 @@ def volume_job(job, holder, provider, key, volume, spec, kind, axis, args, max_s
     kind / args: "propagate" (seed_index, seed_box, seed_mask, direction), "box3d" (box2d, first,
     last), "keys" ({index: box},), "repropagate" (masks, corrected_index, corrected_mask, seed_index).
     protected: bool [k, j, i] where the editor lets nothing be written (writing.protected_area), or
-    None; open-ended growth ends where it runs into it, and slices beyond are never reported
-    (medsam_slicer.propagation.stop_at_protected).
+    None; open-ended growth (propagate, repropagate) ends where it runs into it
+    (medsam_slicer.propagation.PROTECTED_EVIDENCE).
     """
-    from medsam_slicer.propagation import ProtectedStop, stop_at_protected
     from medsam_slicer.slicing import get_slice
 
     session, window, note = holder.get(provider, key, volume, spec, status=_status(job), axis=axis,
                                        cancel=getattr(job, "cancel_event", None),
                                        seed=job_seed(kind, args))
-    guard, area, start = None, None, None
-    if protected is not None and kind in ("propagate", "repropagate"):
-        start = args[0] if kind == "propagate" else args[1]
-
-        def area(index):
-            return get_slice(protected, axis, index)
-
-        guard = ProtectedStop(start, area)
 
     def progress(index, mask, done, total):
-        if guard is None or guard.allows(index, mask):
-            job.report((SLICE, int(index), mask, int(done), int(total)))
+        job.report((SLICE, int(index), mask, int(done), int(total)))
+
+    def area(index):
+        return get_slice(protected, axis, index)
 
     common = dict(progress=progress, cancel=job.cancel_event)
+    grown = dict(protected=area) if protected is not None else {}  # open-ended growth only
     if kind == "propagate":
         seed_index, seed_box, seed_mask, direction = args
         result = session.propagate(axis, seed_index, seed_box=seed_box, seed_mask=seed_mask, direction=direction,
-                                   rules=stop_rules(max_slices, rule_overrides), **common)
+                                   rules=stop_rules(max_slices, rule_overrides), **common, **grown)
     elif kind == "box3d":
         box2d, first, last = args
         result = session.segment_box3d(axis, box2d, first, last, **common)
@@ -242,11 +236,9 @@ def volume_job(job, holder, provider, key, volume, spec, kind, axis, args, max_s
     elif kind == "repropagate":
         masks, corrected_index, corrected_mask, seed_index = args
         result = session.repropagate(axis, masks, corrected_index, corrected_mask, seed_index,
-                                     rules=stop_rules(max_slices, rule_overrides), **common)
+                                     rules=stop_rules(max_slices, rule_overrides), **common, **grown)
     else:
         raise ValueError(f"unknown job kind {kind!r}")
-    if guard is not None:
-        result = stop_at_protected(result, start, area)
     return {"masks": dict(result.masks), "stop_reasons": dict(result.stop_reasons), "cancelled": bool(result.cancelled),
             "window": window, "window_note": note}
 

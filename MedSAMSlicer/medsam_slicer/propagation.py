@@ -10,7 +10,7 @@ c. `segment_key_slices`: boxes on several key slices; slices between are prompte
    interpolated between the neighbouring keys, tightened by the propagated mask.
 d. `repropagate`: after a user corrects one slice, only the slices beyond it (away from the seed)
    are recomputed; the rest is kept.
-Growth of a and d that runs into an area the user protects ends there (`stop_at_protected`).
+Growth of a and d that runs into an area the user protects (`protected=`) ends there.
 
 Works with any predictor: a callable `(slice_index, (x0, y0, x1, y1)) -> (mask bool (H, W),
 score float or None)` with `.n_slices` and `.slice_shape`, and optionally `.prefetch(indices)`
@@ -430,9 +430,11 @@ def _appearance(run: _Run, rules: StopRules, index: int, mask: np.ndarray) -> Op
 
 
 def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, margin, budget: int,
-          seed_score: Optional[float] = None, seed_stability: Optional[float] = None) -> str:
+          seed_score: Optional[float] = None, seed_stability: Optional[float] = None,
+          guard: Optional["ProtectedStop"] = None) -> str:
     """Open-ended growth from slice `start` (already done) in one direction; returns the reason.
-    seed_stability: the start slice's `_stability` (None: that rule is off)."""
+    seed_stability: the start slice's `_stability` (None: that rule is off). guard: the protected
+    area's judge (PROTECTED_EVIDENCE), None: nothing protected."""
     prev, prev_area, index, count = mask, int(mask.sum()), start, 0
     look = _appearance(run, rules, start, mask)
     floor = None if seed_stability is None or rules.min_stability_ratio is None else rules.min_stability_ratio * seed_stability
@@ -496,6 +498,8 @@ def _grow(run: _Run, start: int, mask: np.ndarray, step: int, rules: StopRules, 
                                                f"before from their boxes (IoU {agreement:.2f}, under "
                                                f"{rules.min_backward_ratio:g} of the first grown slice's)")
                     back_low = low
+        if keep and guard is not None and not guard.allows(nxt, new):
+            keep, reason = False, guard.reason("up" if step > 0 else "down")
         if keep:
             count += 1
             run.finish(nxt, new)
@@ -544,6 +548,7 @@ def propagate_from_slice(
     progress: Optional[ProgressFn] = None,
     cancel=None,
     lookahead: int = DEFAULT_LOOKAHEAD,
+    protected: Optional[Callable[[int], Optional[np.ndarray]]] = None,
 ) -> PropagationResult:
     """Grows a segmentation from one slice: prompted with `seed_box`, or given as `seed_mask` (kept
     as is; a real model is still asked about that slice, for the stop rules' reference:
@@ -551,7 +556,9 @@ def propagate_from_slice(
     previous mask's bounding box plus `margin` (slice pixels, one number or (x, y); None: the
     model's default, see `_Run.resolve_margin`) until a stop rule, the volume's edge or max_slices.
     An empty `seed_mask` is an InputError; a seed box that yields an empty mask gives an empty result whose reasons say
-    so. keep_largest keeps the largest 3D component plus everything touching the seed's mask."""
+    so. keep_largest keeps the largest 3D component plus everything touching the seed's mask.
+    protected(index): a bool slice the user protects (None: nothing there); growth ends where it runs
+    into it (ProtectedStop)."""
     rules = check_rules(rules)
     names = _directions(direction)
     run = _Run(predictor, fill_holes, progress, cancel, lookahead)
@@ -577,10 +584,11 @@ def propagate_from_slice(
     run.finish(seed, mask)
     seed_score, seed_stability = _seed_evidence(run, rules, seed, box, mask, seed_score, margin)
     reasons = {}
+    guard = ProtectedStop(seed, protected) if protected is not None else None
     for name in names:
         budget = _room(run, seed, name)
         reasons[name] = _grow(run, seed, mask, 1 if name == "up" else -1, rules, margin, budget, seed_score,
-                              seed_stability)
+                              seed_stability, guard)
     return run.result(reasons, keep_largest)
 
 
@@ -872,13 +880,15 @@ def repropagate(
     progress: Optional[ProgressFn] = None,
     cancel=None,
     lookahead: int = DEFAULT_LOOKAHEAD,
+    protected: Optional[Callable[[int], Optional[np.ndarray]]] = None,
 ) -> PropagationResult:
     """After the user corrected slice `corrected_index`, recomputes only the slices beyond it, away
     from `seed_index`, growing from the corrected mask with the stop rules; slices from the seed to
     the corrected slice and everything on the seed's other side are kept as they are. An empty
     corrected mask means "the structure ends here": slices beyond are removed. Correcting the seed
     slice itself regrows both directions. Returns the merged result; progress reports the corrected
-    slice and the recomputed ones, and `stop_reasons` has "unchanged" for a direction kept as is."""
+    slice and the recomputed ones, and `stop_reasons` has "unchanged" for a direction kept as is.
+    protected: as for `propagate_from_slice`."""
     rules = check_rules(rules)
     old = masks.masks if isinstance(masks, PropagationResult) else masks
     run = _Run(predictor, fill_holes, progress, cancel, lookahead)
@@ -906,8 +916,10 @@ def repropagate(
         return run.result(reasons, keep_largest)
     run.total = _planned_slices(run, fixed, names, rules)
     run.finish(fixed, corrected)
+    guard = ProtectedStop(fixed, protected) if protected is not None else None
     for name in names:
-        reasons[name] = _grow(run, fixed, corrected, 1 if name == "up" else -1, rules, margin, _room(run, fixed, name))
+        reasons[name] = _grow(run, fixed, corrected, 1 if name == "up" else -1, rules, margin, _room(run, fixed, name),
+                              guard=guard)
     new = dict(run.masks)
     run.masks = dict(kept)
     run.masks.update(new)
@@ -972,8 +984,9 @@ class ProtectedStop:
 
 def stop_at_protected(result: PropagationResult, start: int,
                       protected: Callable[[int], Optional[np.ndarray]]) -> PropagationResult:
-    """`result` of open-ended growth (modes a and d) from slice `start`, ended where it ran into the
-    protected area (ProtectedStop, PROTECTED_EVIDENCE); directions reported "unchanged" are kept as
+    """A finished `result` of open-ended growth (modes a and d) from slice `start`, ended where it ran
+    into the protected area, as growth given `protected` ends there (for a server that was not sent
+    the area, and for measuring both from one run); directions reported "unchanged" are kept as
     they are. The stop reasons say where."""
     judge_slices = ProtectedStop(start, protected)
     grown = [name for name, reason in result.stop_reasons.items() if reason != "unchanged"]

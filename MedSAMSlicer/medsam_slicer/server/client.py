@@ -359,7 +359,7 @@ class RemoteSession:
             body["seed_box"] = _jsonable(list(seed_box))
         if seed_mask is not None:
             body["seed_mask"] = encode_mask(_check_mask(seed_mask, size, "seed mask"))
-        return self._job("propagate", body, options, {})
+        return self._guarded("propagate", body, options, {}, seed_index)
 
     def segment_box3d(self, axis: str, box2d, first: int, last: int, **options):
         body = {"axis": axis, "box": _jsonable(list(box2d)), "first": _jsonable(first), "last": _jsonable(last)}
@@ -381,7 +381,7 @@ class RemoteSession:
             "corrected_mask": encode_mask(_check_mask(corrected_mask, size, "corrected mask")),
             "seed_index": _jsonable(seed_index),
         }
-        return self._job("repropagate", body, options, base)
+        return self._guarded("repropagate", body, options, base, corrected_index)
 
     def close(self) -> None:
         """Frees the server's session (best effort: a server that is gone has nothing to free)."""
@@ -400,6 +400,26 @@ class RemoteSession:
         self.close()
 
     # -- streamed jobs ---------------------------------------------------------------------------------
+
+    def _guarded(self, kind: str, body: Dict[str, Any], options: Dict[str, Any], base: Dict[int, np.ndarray],
+                 start: int):
+        """`_job` for open-ended growth from slice `start`. Its `protected` option (a callable, see
+        propagation.propagate_from_slice) is applied here, to the slices as they arrive and to the
+        result, by the same judge the local engine uses: the server is not sent the area, so it
+        computes the slices beyond too."""
+        from ..propagation import ProtectedStop, stop_at_protected
+
+        protected = options.pop("protected", None)
+        if protected is None:
+            return self._job(kind, body, options, base)
+        guard, progress = ProtectedStop(start, protected), options.get("progress")
+        if progress is not None:
+            def shown(index, mask, done, total):
+                if guard.allows(index, mask):
+                    progress(index, mask, done, total)
+
+            options["progress"] = shown
+        return stop_at_protected(self._job(kind, body, options, base), start, protected)
 
     def _job(self, kind: str, body: Dict[str, Any], options: Dict[str, Any], base: Dict[int, np.ndarray]):
         from ..propagation import PropagationResult
