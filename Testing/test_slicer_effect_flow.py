@@ -640,6 +640,18 @@ def test_growth_stops_where_the_editable_area_protects_a_neighbour(editor, runne
     assert slices_of(editor.get("s")) == slices_of(TRUTH)
 
 
+def test_an_editable_area_slicer_cannot_compute_leaves_growth_unprotected(editor, runner, oracle, monkeypatch):
+    def fails(editor_node, reference_image):
+        raise ValueError("the Segment Editor's editable area could not be computed")
+
+    runner.draw_box(editor.view, *editor.drag(BOX))
+    finish(runner)
+    monkeypatch.setattr(writing, "protected_area", fails)
+    runner.propagate(editor.view, "both")
+    finish(runner)
+    assert slices_of(editor.get("s")) == slices_of(TRUTH) and "done" in editor.last_status()
+
+
 def test_requests_while_busy_are_refused_with_a_message(editor, runner, oracle):
     oracle.gate = Gate()
     runner.draw_box(editor.view, *editor.drag(BOX))

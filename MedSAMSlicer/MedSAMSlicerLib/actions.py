@@ -236,8 +236,13 @@ class ActionRunner:
         return writing.segment_slices(segmentation_node, segment_id, self.host.source_image(), axis, indices)
 
     def protected_area(self):
-        """Where the editor's editable area lets nothing be written (growth stops there), or None."""
-        return writing.protected_area(self.host.editor_node(), self.host.source_image())
+        """Where the editor's editable area lets nothing be written (growth stops there), or None
+        (also where Slicer cannot compute it: the editor then masks the writes as ever)."""
+        try:
+            return writing.protected_area(self.host.editor_node(), self.host.source_image())
+        except ValueError as exc:
+            logging.warning("MedSAM: %s; growth will not stop at protected segments", exc)
+            return None
 
     # ------------------------------------------------------------------ requests
 
