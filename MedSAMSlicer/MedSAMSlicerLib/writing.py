@@ -225,7 +225,7 @@ def segment_slices(segmentation_node, segment_id: str, reference_image, axis: st
 def protected_area(editor_node, reference_image) -> Optional[np.ndarray]:
     """Where the editor's editable area (mask mode) lets nothing be written into the selected segment,
     as a bool [k, j, i] array on the reference image's grid; None where that is nowhere (the default
-    "Everywhere"). Growth stops where it runs into it (medsam_slicer.propagation.stop_at_protected).
+    "Everywhere"). Growth stops where it runs into it (medsam_slicer.propagation.ProtectedStop).
     Only the segments decide it: the editable intensity range trims a structure's own darker or
     brighter voxels, which says nothing about where the structure ends."""
     import slicer
