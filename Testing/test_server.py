@@ -187,9 +187,9 @@ def test_propagate_matches_local_and_streams_progress(remote, local):
     assert all(np.array_equal(m1, m2) for (_, m1, _, _), (_, m2, _, _) in zip(got, expected))
 
 
-def test_a_protected_area_ends_growth_as_locally_and_nothing_beyond_is_shown(remote, local):
-    """`protected` stays on the client (RemoteSession._guarded): the server grows on, the client
-    ends the result and the stream where the local engine stops."""
+def test_a_protected_area_ends_growth_on_the_server_as_locally(server, remote, local):
+    """`protected` travels as the masks of the slices it protects: the server ends growth where the
+    local engine does, and streams nothing beyond (it computes nothing there)."""
     def below_4(index):  # everything on slices 0..3 is protected
         return np.ones((128, 128), bool) if index <= 3 else None
 
@@ -206,6 +206,31 @@ def test_a_protected_area_ends_growth_as_locally_and_nothing_beyond_is_shown(rem
     b = local.repropagate("k", first, 5, first.masks[5], 8, rules=rules, protected=below_4)
     assert_same_result(a, b)
     assert min(a.indices) == 4
+    # on the wire: without the area the server streams the seed and slices 4, 3 and 2; with it, 4 only
+    url = f"{server.url}/v1/sessions/{remote.session_id}/propagate"
+    body = {"seed_index": 5, "seed_box": BOX, "direction": "down",
+            "rules": {"max_slices": 3, "min_area": 1, "max_area_ratio": 1e9, "check_centroid": False}}
+    everywhere = {"offset": [0, 0], "shape": [128, 128],
+                  "data": base64.b64encode(zlib.compress(np.packbits(np.ones((128, 128), bool)).tobytes())).decode()}
+    for protected, streamed in ((None, [5, 4, 3, 2]), ([{"index": k, "mask": everywhere} for k in range(4)], [5, 4])):
+        if protected is not None:
+            body["protected"] = protected
+        with requests.post(url, json=body, stream=True, timeout=(5, 120)) as reply:
+            messages = _stream(reply)
+        assert [m["index"] for m in messages if m["type"] == "slice"] == streamed
+        assert messages[-1]["type"] == "done" and sorted(messages[-1]["indices"]) == sorted(streamed)
+
+
+def test_a_protected_area_the_server_cannot_use_is_refused_with_one_line(server, remote):
+    url = f"{server.url}/v1/sessions/{remote.session_id}/propagate"
+    crop = {"offset": [120, 0], "shape": [16, 16],
+            "data": base64.b64encode(zlib.compress(np.packbits(np.ones((16, 16), bool)).tobytes())).decode()}
+    for protected, text in (([{"index": 12, "mask": crop}], "outside the volume"),
+                            ([{"index": 2, "mask": crop}], "outside the 128x128 slice")):
+        body = {"seed_index": 5, "seed_box": BOX, "protected": protected}
+        _assert_4xx(requests.post(url, json=body, timeout=60), 400, text)
+    with pytest.raises(InputError, match="protected area of slice 0 is"):
+        remote.propagate("k", 5, seed_box=BOX, protected=lambda k: np.ones((4, 4), bool))
 
 
 def test_propagate_from_mask_matches_local(remote, local):

@@ -18,10 +18,10 @@ from medsam_slicer.windowing import IntensityWindow  # noqa: E402
 
 # the request fields of each streamed route that are not options (its positional arguments and plumbing)
 ROUTE_FIELDS = {
-    "propagate": {"seed_index", "seed_box", "seed_mask"},
+    "propagate": {"seed_index", "seed_box", "seed_mask", "protected"},
     "box3d": {"box", "first", "last"},
     "key-slices": {"key_boxes"},
-    "repropagate": {"masks", "corrected_index", "corrected_mask", "seed_index"},
+    "repropagate": {"masks", "corrected_index", "corrected_mask", "seed_index", "protected"},
 }
 PLUMBING = {"axis", "job_id"}
 
@@ -43,8 +43,8 @@ def test_each_route_takes_exactly_its_functions_options_with_no_default_of_its_o
     assert set(model.model_fields) == set(options) | ROUTE_FIELDS[route] | PLUMBING
     for name in options:  # left out, an option must take the engine's default, not a copy of it
         assert model.model_fields[name].default is None, (route, name)
-    # every keyword option of the function but progress/cancel travels (and `protected`, a callable
-    # the client applies itself: RemoteSession._guarded)
+    # every keyword option of the function but progress/cancel travels (`protected`, a callable,
+    # as the masks of the slices it protects: a field of its own, above)
     keywords = {n for n, p in params.items() if p.default is not inspect.Parameter.empty}
     assert keywords - set(options) <= {"progress", "cancel", "seed_box", "seed_mask", "protected"}, route
 

@@ -985,9 +985,8 @@ class ProtectedStop:
 def stop_at_protected(result: PropagationResult, start: int,
                       protected: Callable[[int], Optional[np.ndarray]]) -> PropagationResult:
     """A finished `result` of open-ended growth (modes a and d) from slice `start`, ended where it ran
-    into the protected area, as growth given `protected` ends there (for a server that was not sent
-    the area, and for measuring both from one run); directions reported "unchanged" are kept as
-    they are. The stop reasons say where."""
+    into the protected area, as growth given `protected` ends there (to measure both from one run);
+    directions reported "unchanged" are kept as they are. The stop reasons say where."""
     judge_slices = ProtectedStop(start, protected)
     grown = [name for name, reason in result.stop_reasons.items() if reason != "unchanged"]
     masks = {}

@@ -6,9 +6,9 @@ base64-decoded in a worker process, PARSE_WORKERS at a time: JSON and pydantic p
 Python's global lock, so in a thread a 7 MB body still stalled every other request for about a
 second. What comes back is the request without its bulk data, plus that data as bytes (`Bulk`):
 the volume's zlib stream, or each mask's zlib stream (the last one sent per slice: it replaces
-the earlier ones). The worker processes run at a lower priority than the model. The route then
-reserves the memory the decoded data will take (`state.MemoryBudget`) and only then inflates it, in
-a thread (zlib and numpy release the lock).
+the earlier ones), and a protected area's masks the same way. The worker processes run at a
+lower priority than the model. The route then reserves the memory the decoded data will take
+(`state.MemoryBudget`) and only then inflates it, in a thread (zlib and numpy release the lock).
 
 Nothing here imports FastAPI: a worker process imports this module, `schemas` and `protocol` only.
 """
@@ -123,9 +123,11 @@ class MaskBundle:
 class Bulk:
     """The bulk data of a body, base64-decoded but still compressed."""
 
-    def __init__(self, volume: Optional[bytes] = None, masks: Optional[MaskBundle] = None):
+    def __init__(self, volume: Optional[bytes] = None, masks: Optional[MaskBundle] = None,
+                 protected: Optional[MaskBundle] = None):
         self.volume = volume
         self.masks = masks
+        self.protected = protected
 
 
 def parse(kind: str, raw: bytes) -> Tuple[BaseModel, Bulk]:
@@ -144,6 +146,9 @@ def parse(kind: str, raw: bytes) -> Tuple[BaseModel, Bulk]:
     elif kind == "repropagate":
         bulk.masks = MaskBundle.from_items(req.masks)
         req.masks = []
+    if kind in ("propagate", "repropagate") and req.protected is not None:
+        bulk.protected = MaskBundle.from_items(req.protected)
+        req.protected = []
     return req, bulk
 
 

@@ -359,7 +359,7 @@ class RemoteSession:
             body["seed_box"] = _jsonable(list(seed_box))
         if seed_mask is not None:
             body["seed_mask"] = encode_mask(_check_mask(seed_mask, size, "seed mask"))
-        return self._guarded("propagate", body, options, {}, seed_index)
+        return self._grown("propagate", body, options, {})
 
     def segment_box3d(self, axis: str, box2d, first: int, last: int, **options):
         body = {"axis": axis, "box": _jsonable(list(box2d)), "first": _jsonable(first), "last": _jsonable(last)}
@@ -381,7 +381,7 @@ class RemoteSession:
             "corrected_mask": encode_mask(_check_mask(corrected_mask, size, "corrected mask")),
             "seed_index": _jsonable(seed_index),
         }
-        return self._guarded("repropagate", body, options, base, corrected_index)
+        return self._grown("repropagate", body, options, base)
 
     def close(self) -> None:
         """Frees the server's session (best effort: a server that is gone has nothing to free)."""
@@ -401,25 +401,23 @@ class RemoteSession:
 
     # -- streamed jobs ---------------------------------------------------------------------------------
 
-    def _guarded(self, kind: str, body: Dict[str, Any], options: Dict[str, Any], base: Dict[int, np.ndarray],
-                 start: int):
-        """`_job` for open-ended growth from slice `start`. Its `protected` option (a callable, see
-        propagation.propagate_from_slice) is applied here, to the slices as they arrive and to the
-        result, by the same judge the local engine uses: the server is not sent the area, so it
-        computes the slices beyond too."""
-        from ..propagation import ProtectedStop, stop_at_protected
-
+    def _grown(self, kind: str, body: Dict[str, Any], options: Dict[str, Any], base: Dict[int, np.ndarray]):
+        """`_job` for open-ended growth, whose `protected` option (a callable index -> bool slice or
+        None, see propagation.propagate_from_slice) travels as the masks of the slices it protects:
+        the server ends growth there itself, computing nothing beyond."""
         protected = options.pop("protected", None)
-        if protected is None:
-            return self._job(kind, body, options, base)
-        guard, progress = ProtectedStop(start, protected), options.get("progress")
-        if progress is not None:
-            def shown(index, mask, done, total):
-                if guard.allows(index, mask):
-                    progress(index, mask, done, total)
-
-            options["progress"] = shown
-        return stop_at_protected(self._job(kind, body, options, base), start, protected)
+        if protected is not None:
+            check_axis(body["axis"])
+            size = slice_shape(self.volume.shape, body["axis"])
+            sent = []
+            for index in range(slice_count(self.volume.shape, body["axis"])):
+                area = protected(index)
+                if area is not None:
+                    area = _check_mask(area, size, f"protected area of slice {index}")
+                    if area.any():
+                        sent.append({"index": index, "mask": encode_mask(area)})
+            body["protected"] = sent
+        return self._job(kind, body, options, base)
 
     def _job(self, kind: str, body: Dict[str, Any], options: Dict[str, Any], base: Dict[int, np.ndarray]):
         from ..propagation import PropagationResult

@@ -8,7 +8,8 @@ streamed reply. The job's model work runs on the scheduler's worker like every o
 Memory: a job's masks count against the server's budget while it runs. Before any mask is
 decoded, the job reserves what its masks will take by their declared shape: each slice the request
 sends a mask for (one full slice each, whatever its crop), and one mask per slice of the volume for
-its result; too much is a 413/429/507 before anything is allocated.
+its result, and each slice of a protected area it sends; too much is a 413/429/507 before
+anything is allocated.
 """
 from __future__ import annotations
 
@@ -47,6 +48,26 @@ def _result_bytes(session, axis: str) -> int:
 # requests -> work (each returns the work and the masks the client already has, by slice)
 
 
+def _sent(items, bulk_masks):
+    """The masks a request sent for several slices, as a bodies.MaskBundle (None: none sent)."""
+    from .bodies import MaskBundle
+
+    if bulk_masks is not None:
+        return bulk_masks
+    return MaskBundle.from_items(items) if items is not None else None
+
+
+def _protected(session, req, bulk, reserve: Reserve) -> Dict[str, Any]:
+    """The `protected=` option of open-ended growth from the masks the request sent (none: {})."""
+    sent = _sent(req.protected, bulk.protected if bulk is not None else None)
+    if sent is None:
+        return {}
+    n = slice_count(session.volume.shape, req.axis)
+    reserve(sent.check_indices(n, req.axis) * _slice_bytes(session, req.axis))
+    area = sent.decode(slice_shape(session.volume.shape, req.axis))
+    return {"protected": area.get}
+
+
 def _propagate(session, req, bulk, reserve: Reserve) -> Tuple[Work, Dict[int, np.ndarray]]:
     size = slice_shape(session.volume.shape, req.axis)
     check_index(req.seed_index, slice_count(session.volume.shape, req.axis), req.axis, "seed slice")
@@ -54,7 +75,7 @@ def _propagate(session, req, bulk, reserve: Reserve) -> Tuple[Work, Dict[int, np
         check_box(req.seed_box, size, "seed box")
     reserve(_result_bytes(session, req.axis) + (_slice_bytes(session, req.axis) if req.seed_mask else 0))
     seed_mask = decode_mask(req.seed_mask.model_dump(), size, what="seed mask") if req.seed_mask else None
-    kw = job_kwargs("propagate", req)
+    kw = dict(job_kwargs("propagate", req), **_protected(session, req, bulk, reserve))
     run = job_function("propagate")
 
     def work(pred, progress, cancel):
@@ -101,11 +122,9 @@ def _key_slices(session, req, bulk, reserve: Reserve) -> Tuple[Work, Dict[int, n
 
 
 def _repropagate(session, req, bulk, reserve: Reserve) -> Tuple[Work, Dict[int, np.ndarray]]:
-    from .bodies import MaskBundle
-
     size = slice_shape(session.volume.shape, req.axis)
     n = slice_count(session.volume.shape, req.axis)
-    sent = bulk.masks if bulk is not None and bulk.masks is not None else MaskBundle.from_items(req.masks)
+    sent = _sent(req.masks, bulk.masks if bulk is not None else None)
     slices = sent.check_indices(n, req.axis)
     check_index(req.corrected_index, n, req.axis, "corrected slice")
     check_index(req.seed_index, n, req.axis, "seed slice")
@@ -113,7 +132,7 @@ def _repropagate(session, req, bulk, reserve: Reserve) -> Tuple[Work, Dict[int, 
     reserve((slices + 1) * _slice_bytes(session, req.axis) + _result_bytes(session, req.axis))
     masks = sent.decode(size)
     corrected = decode_mask(req.corrected_mask.model_dump(), size, what="corrected mask")
-    kw = job_kwargs("repropagate", req)
+    kw = dict(job_kwargs("repropagate", req), **_protected(session, req, bulk, reserve))
     run = job_function("repropagate")
 
     def work(pred, progress, cancel):

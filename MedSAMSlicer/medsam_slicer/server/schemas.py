@@ -142,12 +142,22 @@ class _JobOptions(_Strict):
     job_id: Optional[str] = Field(None, pattern=JOB_ID_PATTERN, description="client-chosen id for /v1/jobs/{id}/cancel")
 
 
+class IndexedMask(_Strict):
+    index: int
+    mask: MaskPayload
+
+
+PROTECTED_DOC = ("where the user protects other segments: a mask per slice of the job's axis (slices left out are "
+                 "unprotected); growth ends at the first slice whose mask lies half inside it")
+
+
 class PropagateRequest(_JobOptions):
     seed_index: int
     seed_box: Optional[List[Number]] = Field(None, min_length=4, max_length=4)
     seed_mask: Optional[MaskPayload] = None
     direction: Optional[str] = _option("propagate", "direction", "both, up or down")
     rules: Optional[Rules] = None
+    protected: Optional[List[IndexedMask]] = Field(None, max_length=65536, description=PROTECTED_DOC)
 
 
 class Box3DRequest(_JobOptions):
@@ -171,17 +181,13 @@ class KeySlicesRequest(_JobOptions):
     gap_fill: Optional[str] = _option("key-slices", "gap_fill", "larger or both")
 
 
-class IndexedMask(_Strict):
-    index: int
-    mask: MaskPayload
-
-
 class RepropagateRequest(_JobOptions):
     masks: List[IndexedMask] = Field(max_length=65536)
     corrected_index: int
     corrected_mask: MaskPayload
     seed_index: int
     rules: Optional[Rules] = None
+    protected: Optional[List[IndexedMask]] = Field(None, max_length=65536, description=PROTECTED_DOC)
 
 
 class ErrorReply(BaseModel):
