@@ -121,7 +121,7 @@ def test_a_full_size_chest_cts_lungs_stop_at_their_bases():
     lungs taken as the air inside the body split at the midline (benchmarks/eval_data.air_lungs),
     under 1500/-600 (the window the model picks for both). Measured: mode a Dice 0.973 and 0.938,
     both lower ends 3 slices short, stopped by the score rule where the model also draws the liver's
-    or the stomach's dome (README: Accuracy). With the appearance, score and stability rules off the
+    or the stomach's dome (docs/accuracy.md). With the appearance, score and stability rules off the
     right lung runs down to the volume's edge (+5)."""
     import os
     import urllib.error

@@ -150,7 +150,7 @@ DEFAULT_MIN_BACKWARD_RATIO = 0.8
 @dataclass
 class StopRules:
     """When open-ended growth (modes a and d) stops, per direction. Defaults tuned on the CT sample
-    with oracle predictors (benchmarks/propagation_eval.py, numbers in the README):
+    with oracle predictors (benchmarks/propagation_eval.py, numbers in docs/accuracy.md):
 
     min_area: a mask smaller than this (pixels) stops and is dropped. 5 px removes the specks a
         box-prompted model leaves past a structure's end; dropping a true 2-19 px tail costs at most

@@ -49,7 +49,7 @@ class within 0.03 (vertebrae -0.080 -> -0.012, vessels -0.075 -> -0.005). Boxes 
 0-20 px at 1024 scale: 0.626 -> 0.654 (worst class -0.115 -> -0.064, ribs); 0-40 px: 0.569 -> 0.627
 (-0.248 -> -0.144). Tried: other powers and square roots of either term, the edge relative to the
 mask's interior gradient, hard limits on the clipped share instead of a factor: none better. In 3D it
-costs where bone goes on past a label (README, Accuracy with real weights).
+costs where bone goes on past a label (docs/accuracy.md, "The automatic window").
 
 Before the fit, the seed slice's score alone gave 0.781 mean Dice over 14 of these structures (tight
 boxes) and the mean over the seed and its neighbours 0.798 (bone 0.07 -> 0.02 short of the best
