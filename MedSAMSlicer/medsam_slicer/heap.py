@@ -7,7 +7,7 @@ product 38 MB, the MLP's hidden layer 50 MB, per block), so every slice faulted 
 anew: ~400,000 minor page faults (1.6 GB zeroed by the kernel) per encoder call, ~10% of it.
 Raising both thresholds lets freed blocks be reused. `medsam-slicer segment` on 3 slices of
 random ViT-B under the AVX2 cap (2-core AMD EPYC Zen 5): 1.6-2.0 million faults -> 0.54 million,
-8-13% less time in each of three benchmark runs, peak memory unchanged (README "Speed").
+8-13% less time in each of three benchmark runs, peak memory unchanged (docs/speed.md, "Heap reuse").
 
 Process-wide and only on glibc (Linux); set once, when the first CPU engine starts. A process
 that frees a large model keeps up to TRIM_THRESHOLD of free heap mapped (reused by the next
