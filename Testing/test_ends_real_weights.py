@@ -115,19 +115,23 @@ def test_mode_a_follows_a_lung_base_around_the_dome(case, name, width, level, me
     assert with_rule > without, f"Dice {with_rule:.3f} with the rule, {without:.3f} without"
 
 
-def test_a_full_size_chest_cts_lungs_stop_at_their_bases():
-    """The issue's hidden 512 x 512 CT had its lungs run 7-32 slices past their ends. pyradiomics'
-    lung case 2 (512 x 512 x 61, 5 mm slices; fetched once from PyPI as in test_tumour_real_weights),
-    lungs taken as the air inside the body split at the midline (benchmarks/eval_data.air_lungs),
-    under 1500/-600 (the window the model picks for both). Measured: mode a Dice 0.973 and 0.938,
-    both lower ends 3 slices short, stopped by the score rule where the model also draws the liver's
-    or the stomach's dome (docs/accuracy.md). With the appearance, score and stability rules off the
-    right lung runs down to the volume's edge (+5)."""
+def test_a_full_size_chest_cts_lungs_stop_at_their_bases_and_apexes_not_up_the_trachea():
+    """The issue's hidden 512 x 512 CT had its lungs run 7-32 slices past their ends, into air-filled
+    bowel and up the trachea. pyradiomics' lung case 2 (512 x 512 x 61, 5 mm slices; fetched once
+    from PyPI as in test_tumour_real_weights), lungs taken as the air inside the body split at the
+    midline (benchmarks/eval_data.air_lungs), under 1500/-600 (the window the model picks for both).
+    Measured: mode a Dice 0.973 and 0.938, both lower ends 3 slices short, stopped by the score rule
+    where the model also draws the liver's or the stomach's dome (docs/accuracy.md). With the
+    appearance, score and stability rules off the right lung runs down to the volume's edge (+5).
+    Upwards the air goes on as the trachea to the volume's edge; with the airway left out
+    (eval_data.without_airway) the apexes are at slice 57, and growth ended a slice short of the
+    right one and at the left one, not in the trachea above (slices 58-60); with the appearance,
+    score, stability and backward rules off both run up the trachea to the volume's edge (+3)."""
     import os
     import urllib.error
 
     from accuracy_eval import ends_vs_truth
-    from eval_data import air_lungs, tumour_dir
+    from eval_data import air_lungs, tumour_dir, without_airway
     from medsam_slicer.engine import MedSAMEngine
     from medsam_slicer.volume_io import read_volume
 
@@ -142,9 +146,13 @@ def test_a_full_size_chest_cts_lungs_stop_at_their_bases():
         seed = median_slice(truth)
         result = propagate_from_slice(predictor, seed, seed_box=mask_bbox(truth[seed]))
         pred = result.volume("k", truth.shape)
-        low, _ = ends_vs_truth(pred, truth)  # the upper ends reach the volume's edge
+        low, _ = ends_vs_truth(pred, truth)
         assert -4 <= low <= 1, f"{name}: lower end {low:+d} (measured -3): {result.stop_reasons['down']}"
         assert dice(pred, truth) >= 0.92, name  # measured 0.973 (right), 0.938 (left)
+        lung = without_airway(truth, volume.spacing)
+        assert truth[-1].any() and not lung[-1].any(), "the top slice holds the trachea, and only it"
+        _, high = ends_vs_truth(pred, lung)
+        assert -2 <= high <= 1, f"{name}: apex {high:+d} (measured -1 right, 0 left): {result.stop_reasons['up']}"
 
 
 def thinner(array, factor: int):

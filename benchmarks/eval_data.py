@@ -189,6 +189,25 @@ def air_lungs(volume, air_hu: float = -400.0, body_hu: float = -300.0) -> Dict[s
             for name, side in (("right lung", right), ("left lung", ~right))}
 
 
+def without_airway(lung: np.ndarray, spacing, max_mm2: float = 800.0, middle: float = 0.06) -> np.ndarray:
+    """A lung of `air_lungs` with the trachea and main bronchi left out: on each slice, the pieces
+    smaller than `max_mm2` (a trachea's cross-section is about 300-500 mm2) whose centre lies within
+    `middle` of the slice's width from its middle column (the split at the midline halves the
+    trachea there). spacing: (i, j, k) mm. So a lung's apex is a free end, with the trachea above it."""
+    from scipy import ndimage
+
+    out = np.array(lung, dtype=bool, copy=True)
+    pixel_mm2 = float(spacing[0]) * float(spacing[1])
+    width = out.shape[2]
+    for k in range(out.shape[0]):
+        labels, count = ndimage.label(out[k])
+        for c in range(1, count + 1):
+            part = labels == c
+            if part.sum() * pixel_mm2 < max_mm2 and abs(np.nonzero(part)[1].mean() - width / 2.0) < middle * width:
+                out[k][part] = False
+    return out
+
+
 def parse_label_names(text: str) -> Dict[int, str]:
     """"1=liver,2=spleen" -> {1: "liver", 2: "spleen"}."""
     names = {}
