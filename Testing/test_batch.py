@@ -86,13 +86,17 @@ def test_bad_manifest_lines_are_all_reported_before_any_model_loads(capsys, work
         {"input": "ct/a.nrrd", "output": "o10.seg.nrrd", "window": [400, 40], "preset": "mr", "segments": seg},
         {"input": "ct/a.nrrd", "output": "o11.seg.nrrd", "segments": [{"key_boxes": [BOX17]}]},  # 11
         {"input": "ct/a.nrrd", "output": "o12.seg.nrrd", "segments": []},                        # 12
+        {"input": "ct/a.nrrd", "output": "o13.seg.nrrd", "protect": "ct/none.seg.nrrd",
+         "segments": [{"box": BOX17, "propagate": True}]},                                        # 13
+        {"input": "ct/a.nrrd", "output": "o14.seg.nrrd", "protect": "ct/a.nrrd", "segments": seg},  # 14
     ])
     code, out, err = run(capsys, "batch", manifest, "--quiet")
     assert code == 2, err
     lines = err.strip().splitlines()
     expected = {2: "not valid JSON", 3: "unknown key 'colour'", 4: "input not found", 5: "outside the image",
                 6: "also the output of line 1", 7: "needs a DICOM series", 8: "'propagate' needs a box flat",
-                9: "output format", 10: "not both", 11: "at least two slices", 12: "non-empty list"}
+                9: "output format", 10: "not both", 11: "at least two slices", 12: "non-empty list",
+                13: "protect file not found", 14: "needs a segment with \"propagate\""}
     assert len(lines) == len(expected)
     for line, (number, reason) in zip(lines, sorted(expected.items())):
         assert line.startswith("medsam-slicer: error: ") and f"bad.jsonl line {number}: " in line and reason in line
@@ -146,6 +150,29 @@ def test_local_batch_resume_and_report(capsys, workdir, tiny_checkpoint, tiny_en
     code, out, _ = run(capsys, "batch", one, "--checkpoint", tiny_checkpoint, "--precision", "fp32", "--quiet", "--force")
     assert code == 0 and "1 done, 0 skipped, 0 failed" in out
     assert os.stat(workdir / "out" / "a.seg.nrrd").st_mtime_ns != before["a.seg.nrrd"]
+
+
+def test_a_protect_file_ends_growth_where_its_segments_begin(capsys, workdir, tiny_checkpoint):
+    volume = read_volume(str(workdir / "ct" / "a.nrrd"))
+    labels = np.zeros(volume.shape_kji, np.uint8)
+    labels[21:] = 1  # everything above the seed slice, as neighbours contoured before
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(volume.to_sitk())
+    sitk.WriteImage(image, str(workdir / "ct" / "neighbours.nii.gz"))
+    grown = {"name": "grown", "box": [56, 38, 20, 104, 96, 20], "propagate": True, "direction": "up", "max_slices": 3}
+    manifest = write_manifest(workdir / "protect.jsonl", [
+        {"input": "ct/a.nrrd", "output": "out/free.seg.nrrd", "segments": [grown]},
+        {"input": "ct/a.nrrd", "output": "out/kept.seg.nrrd", "protect": "ct/neighbours.nii.gz", "segments": [grown]}])
+    report = workdir / "report.csv"
+    code, out, err = run(capsys, "batch", manifest, "--checkpoint", tiny_checkpoint, "--precision", "fp32",
+                         "--quiet", "--report", report)
+    assert code == 0, err
+    rows = read_report(report)
+    slices = {name: set(np.flatnonzero(next(iter(read_segmentation_masks(str(workdir / "out" / name)).values()))
+                                       .any(axis=(1, 2)))) for name in ("free.seg.nrrd", "kept.seg.nrrd")}
+    assert 21 in slices["free.seg.nrrd"], rows[1]["stop_reasons"]  # without it, growth goes on
+    assert slices["kept.seg.nrrd"] == {20}
+    assert "ran into the protected area at slice 21" in rows[2]["stop_reasons"]
 
 
 def test_local_worker_processes(capsys, workdir, tiny_checkpoint):

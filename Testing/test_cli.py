@@ -97,6 +97,45 @@ def test_propagate_box3d_keys_and_probabilities(capsys, tmp_path, ct_path, tiny_
     assert (p[union] > 0.5).all()
 
 
+def test_protect_ends_growth_where_the_given_segments_begin(capsys, tmp_path, ct_path, tiny_checkpoint):
+    """--protect FILE: growth ends at the first slice whose mask lies half inside FILE's segments (as
+    in the Slicer effect); the slice before is kept, nothing beyond is written."""
+    volume = read_volume(ct_path)
+    labels = np.zeros(volume.shape_kji, np.uint8)
+    labels[23:] = 1  # everything from slice 23 up, as a neighbour contoured before
+    protect = tmp_path / "neighbour.nii.gz"
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(volume.to_sitk())
+    sitk.WriteImage(image, str(protect))
+    grow = ["--box", 56, 38, 20, 104, 96, 20, "--propagate", "--direction", "up", "--min-area", 1,
+            "--max-area-ratio", 1e9, "--no-centroid-check", "--min-stability-ratio", 0, "--min-backward-ratio", 0]
+    code, stdout, err = run(capsys, *seg(ct_path, tmp_path / "free.seg.nrrd", tiny_checkpoint, *grow, "--max-slices", 5))
+    assert code == 0, err
+    free = read_segmentation_masks(str(tmp_path / "free.seg.nrrd"))
+    assert max(np.flatnonzero(next(iter(free.values())).any(axis=(1, 2)))) >= 23  # without it, growth goes on
+    code, stdout, err = run(capsys, *seg(ct_path, tmp_path / "out.seg.nrrd", tiny_checkpoint, *grow, "--protect", protect))
+    assert code == 0, err
+    grown = next(iter(read_segmentation_masks(str(tmp_path / "out.seg.nrrd")).values()))
+    assert max(np.flatnonzero(grown.any(axis=(1, 2)))) == 22
+    assert "up: ran into the protected area at slice 23" in stdout
+
+
+def test_a_protect_file_that_cannot_protect_is_refused_before_loading_the_model(capsys, tmp_path, ct_path):
+    volume = read_volume(ct_path)
+    empty = tmp_path / "empty.nii.gz"
+    image = sitk.GetImageFromArray(np.zeros(volume.shape_kji, np.uint8))
+    image.CopyInformation(volume.to_sitk())
+    sitk.WriteImage(image, str(empty))
+    grow = ["--box", 20, 30, 17, 60, 95, 17, "--propagate"]
+    out = tmp_path / "out.seg.nrrd"
+    for extra, message in ((grow + ["--protect", tmp_path / "missing.seg.nrrd"], "segmentation not found"),
+                           (grow + ["--protect", empty], "holds no segment voxels"),
+                           (["--box", 20, 30, 17, 60, 95, 17, "--protect", empty], "needs a --box with --propagate")):
+        code, _, err = run(capsys, *seg(ct_path, out, tmp_path / "missing.pth", *extra))
+        assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert not out.exists()
+
+
 BAD = [
     (["--box", 20, 30, 17, 200, 95, 17], "outside the image"),
     (["--box", 60, 30, 17, 20, 95, 17], "inverted"),

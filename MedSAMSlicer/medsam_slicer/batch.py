@@ -5,10 +5,12 @@ are relative to the manifest's folder:
 
     {"input": "ct/case1.nii.gz", "output": "out/case1.seg.nrrd", "window": [400, 40],
      "segments": [{"name": "liver", "box": [I0, J0, K0, I1, J1, K1], "propagate": true, "axis": "k"},
-                  {"name": "tumour", "key_boxes": [[I0, J0, K, I1, J1, K], ...]}]}
+                  {"name": "tumour", "key_boxes": [[I0, J0, K, I1, J1, K], ...]}],
+     "protect": "labels/case1_neighbours.seg.nrrd"}
 
 Box semantics are `segment`'s (the same functions build the jobs): a flat box segments its slice
-or grows from it with "propagate"; a spanning box is a 3D box; "key_boxes" interpolate key slices.
+or grows from it with "propagate"; a spanning box is a 3D box; "key_boxes" interpolate key slices;
+growth ends at the segments of the optional "protect" file (segment's --protect).
 Every line is checked (syntax, keys, files, output names, boxes against the volume's size read
 from its header) before any model loads; errors are reported as `line N: reason`.
 
@@ -31,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import InputError, MedSAMError
 
-CASE_KEYS = ("input", "output", "window", "preset", "format", "segments")
+CASE_KEYS = ("input", "output", "window", "preset", "format", "segments", "protect")
 SEGMENT_KEYS = ("name", "box", "key_boxes", "propagate", "axis", "direction", "max_slices", "fill_holes",
                 "keep_largest")
 REPORT_COLUMNS = ("line", "input", "output", "status", "seconds", "attempts", "slices", "stop_reasons", "error")
@@ -69,6 +71,7 @@ class Case:
     window: Optional[Tuple[float, float]] = None
     preset: Optional[str] = None
     segments: List[SegmentPlan] = dataclasses.field(default_factory=list)
+    protect: Optional[str] = None  # absolute: segments where growth ends (segment's --protect)
 
 
 @dataclasses.dataclass
@@ -253,7 +256,17 @@ def _parse_case(line_no: int, data, base: str) -> Case:
         raise InputError(f"unknown preset '{preset}': use {', '.join(PRESET_NAMES)}")
     shape_kji, is_rgb = probe_volume(input_path)
     segments = _plan_segments(data.get("segments"), shape_kji, is_rgb)
-    return Case(line_no, input_path, output_path, data["input"], data["output"], kind, window, preset, segments)
+    protect = data.get("protect")
+    if protect is not None:
+        if not isinstance(protect, str) or not protect.strip():
+            raise InputError("'protect' must be a path (a non-empty string)")
+        protect = os.path.normpath(os.path.join(base, os.path.expanduser(protect)))
+        if not os.path.isfile(protect):
+            raise InputError(f"protect file not found: '{protect}'")
+        if not any(plan.job.mode == "propagate" for plan in segments):
+            raise InputError("'protect' ends growth: it needs a segment with \"propagate\"")
+    return Case(line_no, input_path, output_path, data["input"], data["output"], kind, window, preset, segments,
+                protect)
 
 
 def load_manifest(path: str) -> List[Case]:
@@ -332,7 +345,7 @@ class CaseRunner:
 
     def _run(self, case: Case, force: bool, result: CaseResult) -> None:
         from .clinical_io import write_segments
-        from .segment_command import run_job
+        from .segment_command import protected_area, run_job
         from .session import LocalSession
         from .volume_io import read_volume
         from .windowing import IntensityWindow, choose_window
@@ -340,6 +353,7 @@ class CaseRunner:
         volume = read_volume(case.input)
         window = (IntensityWindow(0, 255, False, "rgb") if volume.is_rgb
                   else choose_window(volume.array, case.window, case.preset))
+        protected = protected_area(case.protect, volume)
         engine = self.ensure_engine()
         session = LocalSession(engine, volume.array, window, cache=self.cache, spacing=volume.spacing)
         segments = []
@@ -348,7 +362,7 @@ class CaseRunner:
                 job = plan.job
                 options = types.SimpleNamespace(no_largest_component=not plan.keep_largest, fill_holes=plan.fill_holes,
                                                 direction=plan.direction, max_slices=plan.max_slices, quiet=True)
-                outcome = run_job(session, job, plan.axis, options)
+                outcome = run_job(session, job, plan.axis, options, protected)
                 segments.append((job.name, outcome.volume(plan.axis, volume.shape_kji)))
                 result.slices[job.name] = sum(1 for m in outcome.masks.values() if m.any())
                 result.stop_reasons[job.name] = dict(outcome.stop_reasons)

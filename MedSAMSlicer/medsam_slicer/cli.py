@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "seed; a lung's base around the liver's dome), growth goes on inside the previous mask, "
                           "without the model, while each slice keeps at least F of the previous one's area "
                           "(default 0.15; 0 switches it off)")
+    seg.add_argument("--protect", metavar="FILE",
+                     help="with --propagate: growth ends where it runs into the segments of FILE (a .seg.nrrd or "
+                          "label map of this volume, e.g. the neighbours contoured before), as the Slicer effect "
+                          "ends at segments the editable area protects")
     seg.add_argument("--no-largest-component", action="store_true", help="keep every 3D component, not only the largest")
     seg.add_argument("--fill-holes", action="store_true", help="fill holes slice by slice")
     seg.add_argument("--probabilities", metavar="FILE", help="also write the foreground probability (float32)")

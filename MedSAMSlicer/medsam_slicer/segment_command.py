@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .errors import InputError
-from .slicing import Box3D, check_axis, mask_iou, slice_index
+from .slicing import Box3D, check_axis, get_slice, mask_iou, slice_index
 
 
 @dataclasses.dataclass
@@ -122,8 +122,23 @@ class ProgressBar:
             self.bar.close()
 
 
-def run_job(session, job: Job, axis: str, args):
-    """A PropagationResult: slice index -> 2D mask, and the stop reason per direction."""
+def protected_area(path: Optional[str], volume) -> Optional[np.ndarray]:
+    """`--protect FILE`: the union of FILE's segments on `volume`'s grid, bool [k, j, i] (None: no
+    FILE). Growth ends where it runs into it (propagation.PROTECTED_EVIDENCE)."""
+    from .volume_io import read_segmentation_masks
+
+    if not path:
+        return None
+    masks = list(read_segmentation_masks(path, reference=volume).values())
+    area = np.logical_or.reduce(masks) if masks else np.zeros(volume.shape_kji, bool)
+    if not area.any():
+        raise InputError(f"--protect '{path}' holds no segment voxels: nothing to protect")
+    return area
+
+
+def run_job(session, job: Job, axis: str, args, protected: Optional[np.ndarray] = None):
+    """A PropagationResult: slice index -> 2D mask, and the stop reason per direction. protected:
+    bool [k, j, i] where growth ends (`protected_area`), or None."""
     from .propagation import PropagationResult
 
     if job.mode == "slice":
@@ -133,8 +148,9 @@ def run_job(session, job: Job, axis: str, args):
     bar = ProgressBar(job.name, args.quiet)
     try:
         if job.mode == "propagate":
+            grown = {} if protected is None else {"protected": lambda index: get_slice(protected, axis, index)}
             result = session.propagate(axis, job.first, seed_box=job.box2d, direction=args.direction,
-                                       rules=stop_rules(args), progress=bar, **post)
+                                       rules=stop_rules(args), progress=bar, **post, **grown)
         elif job.mode == "box3d":
             result = session.segment_box3d(axis, job.box2d, job.first, job.last, progress=bar, **post)
         else:
@@ -169,6 +185,9 @@ def run_segment(args) -> int:
     jobs = plan_jobs(args, volume.shape_kji)
     if any(job.mode == "propagate" for job in jobs):
         check_rules(stop_rules(args))  # before the model loads: a mistyped rule costs no wait
+    elif getattr(args, "protect", None):
+        raise InputError("--protect ends growth: it needs a --box with --propagate")
+    protected = protected_area(getattr(args, "protect", None), volume)
     window = IntensityWindow(0, 255, False, "rgb") if volume.is_rgb else choose_window(volume.array, args.window, args.preset)
 
     session = open_session(args, volume.array, window, volume.spacing)
@@ -180,7 +199,7 @@ def run_segment(args) -> int:
                 window_for_job(session, volume.array, axis, job, window, quiet=args.quiet)
             if args.probabilities:
                 session.predictor(axis).keep_probabilities = True
-            result = run_job(session, job, axis, args)
+            result = run_job(session, job, axis, args, protected)
             segments.append((job.name, result.volume(axis, volume.shape_kji)))
             if args.probabilities:
                 probability = _collect_probabilities(session.predictor(axis), result.masks, axis, volume.shape_kji,
